@@ -1,0 +1,230 @@
+"""``prepare(model, method, blocks)``: every fine-tuning strategy of the paper in one call.
+
+Each method is three decisions, taken in this order:
+
+1. which parameters train (everything else is frozen);
+2. what the trained blocks become (MobileTL: shift-only intermediate BNs, full last BN,
+   sign-approximated activations; ablations change one of these; TinyTL adds patches);
+3. what frozen layers become: a frozen conv/linear turns into an int8 ``FrozenLayer`` that never
+   saves its input, a BN with a frozen scale turns into ``ShiftOnlyBatchNorm2d`` (its shift
+   trains or not). Below the first trained parameter nothing requires grad, so autograd records
+   nothing there: the frozen bottom keeps no activations.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import SqueezeExcitation
+
+from .models import RESNET_BLOCKS, Unit, build_model, find_units, has_squeeze_excitation, norm_roles, set_submodule
+from .ops import ShiftOnlyBatchNorm2d, SignHardswish, SignReLU, SignReLU6
+from .quant import PRECISIONS, FrozenLayer, freeze_layers
+
+# method -> which BN of each trained block stays a full BN (None: not a MobileTL method)
+MOBILETL_FULL_BN = {
+    "mobiletl": {"project", "last", "shortcut"},  # = MobileTL-proj-bn, the paper's choice
+    "mobiletl-exp-bn": {"expand"},
+    "mobiletl-dw-bn": {"depthwise"},
+    "mobiletl-all-bn-shift": set(),
+    "mobiletl-all-bn": {"expand", "depthwise", "project", "intermediate", "last", "shortcut"},
+}
+GLOBAL_METHODS = ("ft-all", "ft-last", "ft-bn", "ft-bias")
+BLOCK_METHODS = ("ft-blocks", *MOBILETL_FULL_BN, "remove-se", "relu",
+                 "tinytl-lite-residual", "mobiletl+tinytl-lite-residual")
+METHODS = GLOBAL_METHODS + BLOCK_METHODS
+
+SIGN_APPROXIMATION = {nn.Hardswish: SignHardswish, nn.ReLU6: SignReLU6, nn.ReLU: SignReLU}
+
+
+class Prepared(NamedTuple):
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def prepare(model, method: str, blocks: int | None = None, *, num_classes: int = 1000,
+            lr: float = 3e-4, frozen_precision: str = "int8") -> Prepared:
+    """Turn ``model`` (a module, or a name from ``MODEL_NAMES``) into a fine-tuning setup.
+
+    Returns the model (modified in place) and an Adam optimizer over its trainable parameters.
+    """
+    if isinstance(model, str):
+        model = build_model(model, num_classes)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+    if frozen_precision not in PRECISIONS:
+        raise ValueError(f"unknown frozen_precision {frozen_precision!r}; valid choices: {', '.join(PRECISIONS)}")
+    units = find_units(model)
+    top = _top_blocks(units, method, blocks)
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _choose_trainable(model, units, top, method)
+    for unit in top:
+        _rebuild_block(model, unit, method)
+    _freeze_rest(model, frozen_precision)
+
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return Prepared(model, torch.optim.Adam(trainable, lr=lr))
+
+
+def _top_blocks(units: list[Unit], method: str, blocks) -> list[Unit]:
+    all_blocks = [u for u in units if u.role == "block"]
+    if method in GLOBAL_METHODS:
+        if blocks is not None:
+            raise ValueError(f"method {method!r} does not take blocks (got blocks={blocks!r}); "
+                             f"block-wise methods are: {', '.join(BLOCK_METHODS)}")
+        return []
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= len(all_blocks):
+        raise ValueError(f"method {method!r} needs blocks between 1 and {len(all_blocks)} "
+                         f"(this model has {len(all_blocks)} blocks), got blocks={blocks!r}")
+    return all_blocks[-blocks:]
+
+
+def _choose_trainable(model: nn.Module, units: list[Unit], top: list[Unit], method: str) -> None:
+    def train(module):
+        for p in module.parameters():
+            p.requires_grad_(True)
+
+    classifier = [model.get_submodule(u.path) for u in units if u.role == "classifier"]
+    for m in classifier:
+        train(m)
+    if method == "ft-all":
+        train(model)
+    elif method == "ft-bn":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                train(m)
+    elif method == "ft-bias":  # TinyTL-B: every bias (conv, linear, BN shift)
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.requires_grad_(True)
+    elif method in BLOCK_METHODS and method != "tinytl-lite-residual":  # top blocks + fusion (Fig. 4)
+        for u in units:
+            if u.role == "fusion" or u in top:
+                train(model.get_submodule(u.path))
+
+
+def _rebuild_block(model: nn.Module, unit: Unit, method: str) -> None:
+    block = model.get_submodule(unit.path)
+    is_irb = not isinstance(block, RESNET_BLOCKS)
+    if method in MOBILETL_FULL_BN or method == "mobiletl+tinytl-lite-residual":
+        full = MOBILETL_FULL_BN.get(method, MOBILETL_FULL_BN["mobiletl"])
+        roles = norm_roles(block)
+        if not is_irb and method in ("mobiletl-exp-bn", "mobiletl-dw-bn"):
+            raise ValueError(f"method {method!r} applies to inverted residual blocks; "
+                             f"{unit.path} is a {type(block).__name__}")
+        for name, role in roles.items():
+            if role not in full:
+                block.get_submodule(name).weight.requires_grad_(False)  # -> shift-only in _freeze_rest
+        _replace_activations(block, lambda m: SIGN_APPROXIMATION[type(m)]())
+    elif method == "remove-se":
+        if not has_squeeze_excitation(block):
+            raise ValueError(f"method 'remove-se' needs squeeze-excitation blocks; {unit.path} has none")
+        _replace_modules(block, lambda m: isinstance(m, SqueezeExcitation), lambda m: nn.Identity())
+    elif method == "relu":
+        if not is_irb:
+            raise ValueError(f"method 'relu' replaces Hard-Swish/ReLU6 in inverted residual blocks; "
+                             f"{unit.path} is a {type(block).__name__}")
+        _replace_activations(block, lambda m: nn.ReLU())
+    if "tinytl-lite-residual" in method:
+        set_submodule(model, unit.path, LiteResidual(block))
+
+
+def _replace_activations(block: nn.Module, make) -> None:
+    """Replace the block's own activations (not those inside squeeze-excitation)."""
+    def is_block_activation(m):
+        return type(m) in SIGN_APPROXIMATION
+    _replace_modules(block, is_block_activation, make, skip=SqueezeExcitation)
+
+
+def _replace_modules(module: nn.Module, match, make, skip=()) -> None:
+    for name, child in list(module.named_children()):
+        if skip and isinstance(child, skip):
+            continue
+        if match(child):
+            setattr(module, name, make(child))
+        else:
+            _replace_modules(child, match, make, skip)
+
+
+def _freeze_rest(module: nn.Module, precision: str) -> None:
+    """Frozen conv/linear -> FrozenLayer; BN with frozen scale -> ShiftOnlyBatchNorm2d."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, (nn.Conv2d, nn.Linear)) and not child.weight.requires_grad:
+            trainable_bias = child.bias is not None and child.bias.requires_grad
+            frozen = freeze_layers(child, precision)
+            if trainable_bias:
+                frozen.bias.requires_grad_(True)
+            setattr(module, name, frozen)
+        elif isinstance(child, nn.BatchNorm2d) and not child.weight.requires_grad:
+            setattr(module, name, ShiftOnlyBatchNorm2d(child, train_shift=child.bias.requires_grad))
+        else:
+            _freeze_rest(child, precision)
+
+
+class LiteResidual(nn.Module):
+    """TinyTL's lite residual patch around a block (Cai et al. 2020, Section 3.2).
+
+    patch(x) = upsample(BN(conv1x1(ReLU(BN(groupconv5x5(avgpool2(x))))))) is added to the
+    block's output; the patch's last BN scale starts at zero, so the patched model starts equal
+    to the pretrained one.
+    """
+
+    def __init__(self, main: nn.Module, kernel_size: int = 5, groups: int = 2):
+        super().__init__()
+        convs = [m for m in main.modules() if isinstance(m, nn.Conv2d)]
+        c_in, c_out = convs[0].in_channels, convs[-1].out_channels
+        groups = groups if c_in % groups == 0 else 1
+        self.main = main
+        self.patch = nn.Sequential(
+            nn.AvgPool2d(2, ceil_mode=True),
+            nn.Conv2d(c_in, c_in, kernel_size, padding=kernel_size // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(c_in),
+            nn.ReLU(),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+        nn.init.zeros_(self.patch[-1].weight)
+
+    def forward(self, x):
+        out = self.main(x)
+        return out + F.interpolate(self.patch(x), size=out.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def describe_layer(m: nn.Module) -> str | None:
+    """What a normalization / activation / frozen layer became, in the paper's words."""
+    if isinstance(m, ShiftOnlyBatchNorm2d):
+        return "BN shift-only" if m.bias.requires_grad else "BN frozen"
+    if isinstance(m, nn.BatchNorm2d):
+        return "BN full" if m.weight.requires_grad else "BN frozen"
+    if isinstance(m, (SignHardswish, SignReLU6, SignReLU)):
+        return f"{type(m).__name__[4:]} sign (1-bit)"
+    if isinstance(m, (nn.Hardswish, nn.ReLU6, nn.ReLU, nn.Hardsigmoid)):
+        return f"{type(m).__name__} exact"
+    if isinstance(m, FrozenLayer):
+        return f"{m.kind} frozen {m.precision}"
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        return f"{type(m).__name__} trained"
+    return None
+
+
+def summary(model: nn.Module) -> str:
+    """One line per unit: role, trainable and frozen parameter counts, what its layers became."""
+    lines = [f"{'unit':<18}{'role':<11}{'trainable':>11}{'frozen':>11}  layers"]
+    totals = [0, 0]
+    for unit in find_units(model):
+        module = model.get_submodule(unit.path)
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+        frozen += sum(b.numel() for n, b in module.named_buffers() if n.endswith(("weight_int8", "weight_float")))
+        totals[0] += trainable
+        totals[1] += frozen
+        kinds = [d for d in map(describe_layer, module.modules()) if d]
+        counted = ", ".join(f"{kinds.count(k)}x {k}" for k in dict.fromkeys(kinds))
+        lines.append(f"{unit.path:<18}{unit.role:<11}{trainable:>11,}{frozen:>11,}  {counted}")
+    lines.append(f"{'total':<29}{totals[0]:>11,}{totals[1]:>11,}")
+    return "\n".join(lines)

@@ -1,0 +1,136 @@
+"""Model registry and block discovery: which modules are the blocks, the fusion layers, the classifier.
+
+A network is read as an ordered list of *units* that partitions its forward pass:
+
+    stem -> block 1 ... block N -> fusion layer(s) -> head (pool, activation, dropout) -> classifier
+
+MobileNetV2/V3 and ProxylessNAS-Mobile keep these in ``features`` + ``classifier``; a ResNet keeps
+them as its own children. "Fine-tuning K blocks" (the paper's FT-K-BLKs) trains the last K units
+whose role is ``block``, plus the fusion layers and the classifier (Figure 4's caption).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torchvision
+from torch import nn
+from torchvision.models import mobilenetv2, mobilenetv3, resnet
+from torchvision.ops.misc import SqueezeExcitation
+
+from .proxyless import proxyless_mobile
+
+INVERTED_RESIDUALS = (mobilenetv2.InvertedResidual, mobilenetv3.InvertedResidual)
+RESNET_BLOCKS = (resnet.BasicBlock, resnet.Bottleneck)
+
+MODEL_BUILDERS = {
+    "mobilenet_v2": torchvision.models.mobilenet_v2,
+    "mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
+    "mobilenet_v3_large": torchvision.models.mobilenet_v3_large,
+    "resnet18": torchvision.models.resnet18,
+    "resnet50": torchvision.models.resnet50,
+    "proxyless_mobile": proxyless_mobile,
+}
+MODEL_NAMES = tuple(MODEL_BUILDERS)
+
+
+def build_model(name: str, num_classes: int = 1000) -> nn.Module:
+    """A randomly initialised model from the registry (weights are loaded separately)."""
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODEL_NAMES)}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if name == "proxyless_mobile":
+        return proxyless_mobile(num_classes=num_classes)
+    return MODEL_BUILDERS[name](weights=None, num_classes=num_classes)
+
+
+@dataclass(frozen=True)
+class Unit:
+    path: str  # dotted name inside the model, for get_submodule
+    role: str  # stem | block | fusion | head | classifier
+
+
+def find_units(model: nn.Module) -> list[Unit]:
+    """The model's units in forward order; ValueError if its blocks cannot be recognised."""
+    features, classifier = getattr(model, "features", None), getattr(model, "classifier", None)
+    if isinstance(features, nn.Sequential) and isinstance(classifier, (nn.Sequential, nn.Linear)):
+        units = _sequential_units(features, "features", INVERTED_RESIDUALS)
+        if hasattr(model, "avgpool"):
+            units.append(Unit("avgpool", "head"))
+        units += _classifier_units(classifier)
+    elif all(hasattr(model, n) for n in ("conv1", "bn1", "layer1", "layer4", "fc")):
+        units = [Unit(n, "stem") for n in ("conv1", "bn1", "relu", "maxpool")]
+        for stage in ("layer1", "layer2", "layer3", "layer4"):
+            units += [Unit(f"{stage}.{i}", "block") for i in range(len(getattr(model, stage)))]
+        units += [Unit("avgpool", "head"), Unit("fc", "classifier")]
+        if not all(isinstance(model.get_submodule(u.path), RESNET_BLOCKS) for u in units if u.role == "block"):
+            raise ValueError(f"{type(model).__name__}: ResNet stages hold blocks that are not BasicBlock/Bottleneck")
+    else:
+        raise ValueError(
+            f"cannot recognise the blocks of {type(model).__name__}: expected a MobileNetV2/V3 or "
+            f"ProxylessNAS layout (features + classifier) or a torchvision ResNet; "
+            f"supported models: {', '.join(MODEL_NAMES)}"
+        )
+    return units
+
+
+def _sequential_units(features: nn.Sequential, prefix: str, block_types) -> list[Unit]:
+    is_block = [isinstance(m, block_types) for m in features]
+    if not any(is_block):
+        raise ValueError(f"no inverted residual blocks found in {prefix}; cannot recognise the model's blocks")
+    first, last = is_block.index(True), len(is_block) - 1 - is_block[::-1].index(True)
+    if not all(is_block[first : last + 1]):
+        raise ValueError(f"the inverted residual blocks in {prefix} are not contiguous")
+    roles = ["stem"] * first + ["block"] * (last + 1 - first) + ["fusion"] * (len(features) - last - 1)
+    return [Unit(f"{prefix}.{i}", role) for i, role in enumerate(roles)]
+
+
+def _classifier_units(classifier: nn.Module) -> list[Unit]:
+    """The last Linear is the classifier; Linears before it are fusion layers (MobileNetV3's 576->1024)."""
+    if isinstance(classifier, nn.Linear):
+        return [Unit("classifier", "classifier")]
+    linears = [i for i, m in enumerate(classifier) if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the model's classifier has no nn.Linear layer")
+    roles = {i: "fusion" for i in linears[:-1]} | {linears[-1]: "classifier"}
+    return [Unit(f"classifier.{i}", roles.get(i, "head")) for i in range(len(classifier))]
+
+
+def block_units(model: nn.Module) -> list[Unit]:
+    return [u for u in find_units(model) if u.role == "block"]
+
+
+def norm_roles(block: nn.Module) -> dict[str, str]:
+    """Name each BatchNorm of a block by what it normalises (Figure 6's exp/dw/proj-bn).
+
+    Inverted residual: ``expand``, ``depthwise``, ``project`` (the block's last BN).
+    ResNet block: ``intermediate``, ``last``, ``shortcut`` (the downsample branch's BN).
+    """
+    roles, previous_conv, found = {}, None, []
+    for name, m in block.named_modules():
+        if isinstance(m, nn.Conv2d):
+            previous_conv = m
+        elif isinstance(m, nn.BatchNorm2d):
+            found.append((name, previous_conv))
+    if isinstance(block, RESNET_BLOCKS):
+        main = [n for n, _ in found if not n.startswith("downsample")]
+        for n, _ in found:
+            roles[n] = "shortcut" if n.startswith("downsample") else ("last" if n == main[-1] else "intermediate")
+        return roles
+    for i, (name, conv) in enumerate(found):
+        if i == len(found) - 1:
+            roles[name] = "project"
+        elif conv is not None and conv.groups > 1 and conv.groups == conv.in_channels:
+            roles[name] = "depthwise"
+        else:
+            roles[name] = "expand"
+    return roles
+
+
+def has_squeeze_excitation(block: nn.Module) -> bool:
+    return any(isinstance(m, SqueezeExcitation) for m in block.modules())
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
