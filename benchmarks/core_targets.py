@@ -1,0 +1,57 @@
+"""Issue-2 targets: stored activations and training-step time of ft-all / ft-blocks / mobiletl.
+
+MobileNetV3-Small, batch 8, 224x224, 10 classes, blocks=3. Stored activations come from
+saved-tensor hooks (``mobiletl_edu.measure.saved_activations``); step times are the median of
+many steps after warm-up, the three methods interleaved step by step so that machine noise
+hits them alike. Run: ``python benchmarks/core_targets.py [--steps 30]``.
+"""
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mobiletl_edu.measure import saved_activations
+from mobiletl_edu.methods import prepare
+
+METHODS = {"ft-all": None, "ft-blocks": 3, "mobiletl": 3}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mobilenet_v3_small")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 10, (8,))
+    setups = {m: prepare(args.model, m, b, num_classes=10) for m, b in METHODS.items()}
+
+    stored = {m: saved_activations(s.model, x, y).total_bytes for m, s in setups.items()}
+    times = {m: [] for m in setups}
+    for step in range(args.warmup + args.steps):
+        for m, (model, opt) in setups.items():
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            if step >= args.warmup:
+                times[m].append(time.perf_counter() - start)
+
+    median = {m: statistics.median(t) for m, t in times.items()}
+    print(f"{args.model}, batch 8, 224x224, 10 classes; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"{'method':<11}{'stored MB':>10}{'median step s':>15}")
+    for m in setups:
+        print(f"{m:<11}{stored[m] / 1e6:>10.2f}{median[m]:>15.3f}")
+    print(f"stored  mobiletl/ft-blocks = {stored['mobiletl'] / stored['ft-blocks']:.3f} (target <= 0.6)")
+    print(f"stored  mobiletl/ft-all    = {stored['mobiletl'] / stored['ft-all']:.3f} (target <= 0.12)")
+    print(f"speed   ft-all/mobiletl    = {median['ft-all'] / median['mobiletl']:.2f}x (target >= 2.5x)")
+    print(f"slowdown mobiletl/ft-blocks = {median['mobiletl'] / median['ft-blocks'] - 1:+.1%} (target <= +5%)")
+
+
+if __name__ == "__main__":
+    main()
