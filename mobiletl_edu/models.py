@@ -54,7 +54,7 @@ def find_units(model: nn.Module) -> list[Unit]:
     """The model's units in forward order; ValueError if its blocks cannot be recognised."""
     features, classifier = getattr(model, "features", None), getattr(model, "classifier", None)
     if isinstance(features, nn.Sequential) and isinstance(classifier, (nn.Sequential, nn.Linear)):
-        units = _sequential_units(features, "features", INVERTED_RESIDUALS)
+        units = _sequential_units(features, type(model).__name__, INVERTED_RESIDUALS)
         if hasattr(model, "avgpool"):
             units.append(Unit("avgpool", "head"))
         units += _classifier_units(classifier)
@@ -74,15 +74,17 @@ def find_units(model: nn.Module) -> list[Unit]:
     return units
 
 
-def _sequential_units(features: nn.Sequential, prefix: str, block_types) -> list[Unit]:
+def _sequential_units(features: nn.Sequential, model_name: str, block_types) -> list[Unit]:
     is_block = [isinstance(m, block_types) for m in features]
     if not any(is_block):
-        raise ValueError(f"no inverted residual blocks found in {prefix}; cannot recognise the model's blocks")
+        raise ValueError(f"cannot recognise the blocks of {model_name}: its features hold no inverted "
+                         f"residual block; supported models: {', '.join(MODEL_NAMES)}")
     first, last = is_block.index(True), len(is_block) - 1 - is_block[::-1].index(True)
     if not all(is_block[first : last + 1]):
-        raise ValueError(f"the inverted residual blocks in {prefix} are not contiguous")
+        raise ValueError(f"cannot recognise the blocks of {model_name}: its inverted residual blocks are "
+                         f"not contiguous in features")
     roles = ["stem"] * first + ["block"] * (last + 1 - first) + ["fusion"] * (len(features) - last - 1)
-    return [Unit(f"{prefix}.{i}", role) for i, role in enumerate(roles)]
+    return [Unit(f"features.{i}", role) for i, role in enumerate(roles)]
 
 
 def _classifier_units(classifier: nn.Module) -> list[Unit]:
