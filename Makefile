@@ -1,0 +1,125 @@
+# Build, test and tidy the mobiletl-edu package and its executable textbook.
+#
+#   make book   - set everything up, build the book strictly, say where it is
+#   make test   - set everything up, run the whole pytest suite (book included)
+#   make setup  - only the set-up step (idempotent, fast when nothing changed)
+#   make clean  - remove build outputs and caches (keeps .venv)
+#   make distclean - clean, then also remove .venv and the offline assets
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+.DELETE_ON_ERROR:
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+JB := $(VENV)/bin/jb
+PYTEST_ARGS ?=
+
+# torch and torchvision are pinned exactly: a loose requirement would make pip
+# resolve a fresh multi-GB wheel instead of the release already on disk.
+# Keep these pins identical to environment.yml (tests/test_environment.py checks).
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+EXTRAS := test,book
+
+# MathJax 3 is served from the built book itself, so pages typeset offline.
+# npm installs it under $(ASSETS); `html_extra_path` in _config.yml copies
+# $(ASSETS)/extra/_static/mathjax into _build/html/_static/mathjax.
+MATHJAX_VERSION := 3.2.2
+ASSETS := .book-assets
+MATHJAX_DIR := $(ASSETS)/extra/_static/mathjax
+MATHJAX_MARK := $(ASSETS)/mathjax-$(MATHJAX_VERSION).stamp
+
+# The Python set-up is keyed on the content of pyproject.toml and the pins:
+# change either and the next `make setup` reinstalls, otherwise it is a no-op.
+SETUP_KEY := $(shell { cat pyproject.toml; echo '$(TORCH_PINS) $(EXTRAS)'; } | sha256sum | cut -c1-16)
+SETUP_STAMP := $(VENV)/.setup-$(SETUP_KEY).stamp
+
+CHROMIUM := /usr/bin/chromium
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+
+.PHONY: help setup python-env mathjax browser book test clean distclean
+
+help:
+	@echo "make book   build the book strictly and open it (_build/html/index.html)"
+	@echo "make test   run every test, the strict book build and browser check included"
+	@echo "make setup  create .venv, install the package, MathJax and Chromium (idempotent)"
+	@echo "make clean  remove build outputs and caches; make distclean also removes .venv"
+
+setup: python-env mathjax browser
+
+python-env: $(SETUP_STAMP)
+
+$(PY):
+	@if ! $(PYTHON) -m venv $(VENV); then \
+	  echo ">> '$(PYTHON) -m venv' failed; installing Debian's python3-venv and retrying"; \
+	  rm -rf $(VENV); \
+	  $(SUDO) apt-get update; \
+	  $(APT_INSTALL) python3-venv; \
+	  $(PYTHON) -m venv $(VENV); \
+	fi
+
+$(SETUP_STAMP): | $(PY)
+	rm -f $(VENV)/.setup-*.stamp
+	$(PY) -m pip install $(TORCH_PINS)
+	$(PY) -m pip install $(TORCH_PINS) -e '.[$(EXTRAS)]'
+	touch $@
+
+mathjax:
+	@if [ -f $(MATHJAX_MARK) ] && [ -f $(MATHJAX_DIR)/tex-mml-chtml.js ]; then \
+	  echo ">> MathJax $(MATHJAX_VERSION) already in $(MATHJAX_DIR)"; \
+	else \
+	  if ! command -v npm >/dev/null; then \
+	    echo ">> npm not found; installing Debian's npm"; \
+	    $(SUDO) apt-get update; \
+	    $(APT_INSTALL) npm; \
+	  fi; \
+	  rm -rf $(ASSETS); \
+	  mkdir -p $(ASSETS)/npm $(ASSETS)/extra/_static; \
+	  npm install --prefix $(ASSETS)/npm --no-save --no-package-lock --no-audit --no-fund --prefer-offline \
+	    mathjax@$(MATHJAX_VERSION); \
+	  cp -R $(ASSETS)/npm/node_modules/mathjax/es5 $(MATHJAX_DIR); \
+	  cp $(ASSETS)/npm/node_modules/mathjax/LICENSE $(MATHJAX_DIR)/LICENSE; \
+	  touch $(MATHJAX_MARK); \
+	fi
+
+browser:
+	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then \
+	  echo ">> Chromium and ChromeDriver present"; \
+	elif command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get update; \
+	  $(APT_INSTALL) chromium chromium-driver; \
+	else \
+	  echo ">> WARNING: no apt-get: install Chromium and ChromeDriver as $(CHROMIUM) and $(CHROMEDRIVER)"; \
+	  echo ">> for the browser test (it fails when CI=true and is skipped otherwise)."; \
+	fi
+
+book: setup
+	rm -rf _build/html/reports
+	mkdir -p _build
+	$(JB) build . -W -n --keep-going --all 2>&1 | tee _build/build.log
+	@if [ -d _build/html/reports ] && [ -n "$$(ls -A _build/html/reports)" ]; then \
+	  echo ">> notebook execution failures, see _build/html/reports/"; exit 1; \
+	fi
+	@echo
+	@echo ">> The book is at $(CURDIR)/_build/html/index.html"
+	@if [ -z "$${CI:-}" ]; then \
+	  if [ -n "$${DISPLAY:-}$${WAYLAND_DISPLAY:-}" ] && command -v xdg-open >/dev/null; then \
+	    xdg-open _build/html/index.html >/dev/null 2>&1 || true; \
+	  elif [ -n "$${DISPLAY:-}$${WAYLAND_DISPLAY:-}" ] || [ "$$(uname)" = Darwin ]; then \
+	    $(PY) -m webbrowser "file://$(CURDIR)/_build/html/index.html" >/dev/null 2>&1 || true; \
+	  fi; \
+	fi
+
+test: setup
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf _build .jupyter_cache .pytest_cache .hypothesis
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) $(ASSETS) *.egg-info
