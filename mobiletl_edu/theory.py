@@ -1,0 +1,222 @@
+"""The symbolic side of MobileTL (Chiang et al. 2023): what the book derives and the tests check.
+
+Everything here is sympy, one idea per function (the bound also has a float version):
+
+* ``relu6`` / ``hardswish`` and their derivatives (Table 2, "exact" rows), written so that the
+  value at each kink is the one PyTorch's autograd returns;
+* ``sign_derivative`` and ``approximation_error`` (Table 2, "Ours" rows), with
+  ``error_extrema`` and ``exact_set`` telling how large the error gets and where it vanishes;
+* ``bn_gradients``: the scale, shift and input gradients of BatchNorm (Eq. 1-2) in training and
+  evaluation mode, derived by differentiating the forward pass;
+* ``geometric_closed_form`` and ``theorem1_bound``: the bound of Theorem 1.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import sympy as sp
+
+x = sp.Symbol("x", real=True)
+"""The pre-activation, the argument of every activation below."""
+
+ACTIVATIONS = ("relu6", "hardswish")
+
+
+# --------------------------------------------------------------------------------------------
+# Activations and their derivatives (Table 2)
+# --------------------------------------------------------------------------------------------
+
+def relu6(var: sp.Symbol = x) -> sp.Piecewise:
+    """ReLU6, ``min(max(0, x), 6)``, as a Piecewise whose pieces own the kinks as torch does."""
+    return sp.Piecewise((0, var <= 0), (var, var < 6), (6, True))
+
+
+def hardswish(var: sp.Symbol = x) -> sp.Piecewise:
+    """Hard-Swish, ``x * ReLU6(x + 3) / 6`` (Table 2), as a Piecewise with torch's kink ownership."""
+    return sp.Piecewise((0, var <= -3), (var * (var + 3) / 6, var < 3), (var, True))
+
+
+def relu6_derivative(var: sp.Symbol = x) -> sp.Piecewise:
+    """d ReLU6 / dx, obtained by differentiating each piece: ``1[0 < x < 6]``, torch's convention."""
+    return sp.diff(relu6(var), var)
+
+
+def hardswish_derivative(var: sp.Symbol = x) -> sp.Piecewise:
+    """d Hard-Swish / dx: 0 for x <= -3, (2x + 3)/6 for -3 < x < 3, 1 for x >= 3 (as torch)."""
+    return sp.diff(hardswish(var), var)
+
+
+def table2_hardswish_derivative(var: sp.Symbol = x) -> sp.Expr:
+    """Table 2's exact Hard-Swish backward, ``ReLU6(x + 3)/6 + x 1[-3 <= x <= 3]/6``, as printed."""
+    inside = sp.Piecewise((1, (var >= -3) & (var <= 3)), (0, True))
+    return relu6(var + 3) / 6 + var * inside / 6
+
+
+def sign_derivative(var: sp.Symbol = x) -> sp.Piecewise:
+    """MobileTL's backward for both activations (Table 2, "Ours"): ``1[x >= 0]``."""
+    return sp.Piecewise((0, var < 0), (1, True))
+
+
+def exact_derivative(kind: str, var: sp.Symbol = x) -> sp.Piecewise:
+    """The exact derivative of ``kind`` (one of ``ACTIVATIONS``)."""
+    if kind == "relu6":
+        return relu6_derivative(var)
+    if kind == "hardswish":
+        return hardswish_derivative(var)
+    raise ValueError(f"unknown activation {kind!r}; valid choices: {', '.join(ACTIVATIONS)}")
+
+
+def approximation_error(kind: str, var: sp.Symbol = x) -> sp.Piecewise:
+    """``1[x >= 0] - f'(x)``: what the sign approximation adds to the local derivative.
+
+    The error in the propagated gradient is this times the upstream gradient.
+    """
+    folded = sp.piecewise_fold(sign_derivative(var) - exact_derivative(kind, var))
+    return sp.piecewise_exclusive(folded)  # disjoint pieces, each with its own interval
+
+
+def pieces(expr: sp.Piecewise, var: sp.Symbol = x) -> list[tuple[sp.Expr, sp.Set]]:
+    """The (expression, set of x) pairs of a Piecewise on the real line, the sets disjoint."""
+    return [(e, s) for e, s in expr.as_expr_set_pairs(sp.S.Reals) if s is not sp.S.EmptySet]
+
+
+def exact_set(kind: str, var: sp.Symbol = x) -> sp.Set:
+    """The x where the sign approximation equals the exact derivative."""
+    return sp.solveset(approximation_error(kind, var), var, sp.S.Reals)
+
+
+class ErrorExtrema(NamedTuple):
+    sup: sp.Expr        # sup over x of |1[x >= 0] - f'(x)|
+    attained: sp.Set    # the x where |error| equals sup
+
+
+def error_extrema(kind: str, var: sp.Symbol = x) -> ErrorExtrema:
+    """How large ``|approximation_error|`` gets, and where that supremum is reached."""
+    from sympy.calculus.util import maximum, minimum
+
+    def extremes(e, s):
+        if s.is_FiniteSet:
+            return [e.subs(var, p) for p in s]
+        return [maximum(e, var, s), minimum(e, var, s)]
+
+    parts = pieces(approximation_error(kind, var), var)
+    sup = sp.Max(*[abs(v) for e, s in parts for v in extremes(e, s)])
+    attained = sp.Union(*[sp.solveset(e - sign * sup, var, s) for e, s in parts for sign in (1, -1)])
+    return ErrorExtrema(sup, attained)
+
+
+# --------------------------------------------------------------------------------------------
+# BatchNorm gradients (Eq. 1-2)
+# --------------------------------------------------------------------------------------------
+
+class BNGradients(NamedTuple):
+    """Symbols of one BN channel over a batch of ``m`` values and the gradients of the loss."""
+    xs: tuple        # inputs x_1..x_m
+    gs: tuple        # upstream gradients dL/dy_1..dL/dy_m
+    gamma: sp.Symbol
+    beta: sp.Symbol
+    mu: sp.Symbol    # running mean (used in eval mode)
+    var: sp.Symbol   # running variance (used in eval mode)
+    eps: sp.Symbol
+    train: dict      # {"gamma": expr, "beta": expr, "x": (expr, ...)} with batch statistics
+    eval: dict       # the same with the running statistics frozen
+
+
+def batchnorm(xs, gamma, beta, mean, variance, eps):
+    """Eq. (1): ``gamma (x - mean) / sqrt(variance + eps) + beta`` for each x of the channel."""
+    return [gamma * (xi - mean) / sp.sqrt(variance + eps) + beta for xi in xs]
+
+
+def bn_gradients(m: int = 3) -> BNGradients:
+    """Differentiate Eq. (1) for one channel of ``m`` values: Eq. (2) and the input gradient.
+
+    The loss is taken linear in the outputs, ``sum_i g_i y_i``, so ``g_i`` is dL/dy_i and each
+    derivative is the backward pass of BN for an arbitrary upstream gradient. In train mode the
+    mean and (biased) variance are those of the batch; in eval mode they are frozen symbols.
+    """
+    if m < 2:
+        raise ValueError(f"a batch needs m >= 2 values, got m={m}")
+    xs = sp.symbols(f"x1:{m + 1}", real=True)
+    gs = sp.symbols(f"g1:{m + 1}", real=True)
+    gamma, beta, mu = sp.symbols("gamma beta mu", real=True)
+    var, eps = sp.symbols("sigma^2 epsilon", positive=True)
+    batch_mean = sum(xs) / m
+    batch_var = sum((xi - batch_mean) ** 2 for xi in xs) / m
+
+    def grads(mean, variance):
+        loss = sum(g * y for g, y in zip(gs, batchnorm(xs, gamma, beta, mean, variance, eps)))
+        return {"gamma": sp.diff(loss, gamma), "beta": sp.diff(loss, beta),
+                "x": tuple(sp.diff(loss, xi) for xi in xs)}
+
+    return BNGradients(xs, gs, gamma, beta, mu, var, eps, grads(batch_mean, batch_var), grads(mu, var))
+
+
+def bn_train_input_gradient_textbook(g: BNGradients) -> tuple:
+    """The usual closed form of the train-mode input gradient, to compare with ``bn_gradients``:
+
+    ``dL/dx_i = gamma / sqrt(var + eps) * (g_i - mean(g) - xhat_i * mean(g * xhat))``.
+    """
+    m = len(g.xs)
+    mean = sum(g.xs) / m
+    std = sp.sqrt(sum((xi - mean) ** 2 for xi in g.xs) / m + g.eps)
+    xhat = [(xi - mean) / std for xi in g.xs]
+    g_mean = sum(g.gs) / m
+    gx_mean = sum(gi * hi for gi, hi in zip(g.gs, xhat)) / m
+    return tuple(g.gamma / std * (gi - g_mean - hi * gx_mean) for gi, hi in zip(g.gs, xhat))
+
+
+# --------------------------------------------------------------------------------------------
+# Theorem 1
+# --------------------------------------------------------------------------------------------
+
+q = sp.Symbol("q", positive=True)
+"""The ratio of a geometric series."""
+L, l = sp.symbols("L l", integer=True, positive=True)
+"""The number of trained layers, and the index of one of them."""
+
+
+def geometric_sum(ratio=q, layers=L) -> sp.Sum:
+    """``sum_{l=1}^{L} ratio^l``: one term per approximated layer the gradient crosses."""
+    return sp.Sum(ratio ** l, (l, 1, layers))
+
+
+def geometric_closed_form(ratio=q, layers=L) -> sp.Expr:
+    """The closed form used in Theorem 1: ``ratio (1 - ratio^L) / (1 - ratio)`` (ratio != 1)."""
+    return ratio * (1 - ratio ** layers) / (1 - ratio)
+
+
+def psi(N, G):
+    """Theorem 1's ratios: ``Psi = 3/2 sqrt(N) G`` (exact backward) and ``Psi~ = sqrt(N) G``."""
+    if isinstance(N, sp.Basic) or isinstance(G, sp.Basic):
+        return sp.Rational(3, 2) * sp.sqrt(N) * G, sp.sqrt(N) * G
+    return 1.5 * math.sqrt(N) * G, math.sqrt(N) * G
+
+
+def _log10_geometric(ratio: float, layers: int) -> float:
+    """``log10`` of ``sum_{l=1}^{L} ratio^l`` for a float ratio > 0, stable near 1 and far above it."""
+    if abs(ratio - 1) < 1e-12:
+        return math.log10(layers)
+    y = layers * math.log(ratio)  # ratio^L = e^y; |ratio^L - 1| = |expm1(y)|, kept in log space
+    log_numerator = y + math.log1p(-math.exp(-y)) if y > 0 else math.log(-math.expm1(y))
+    return (math.log(ratio) + log_numerator - math.log(abs(ratio - 1))) / math.log(10)
+
+
+def theorem1_bound(lam, M, T, G, N, L):
+    """Theorem 1: ``lam M T G (Psi (1-Psi^L)/(1-Psi) + Psi~ (1-Psi~^L)/(1-Psi~))``.
+
+    With any sympy argument the result is a sympy expression; with numbers it is a float
+    (``math.inf`` when it overflows), the ratio-1 case of the geometric sum taken as ``L``.
+    """
+    if any(isinstance(a, sp.Basic) for a in (lam, M, T, G, N, L)):
+        psi_exact, psi_sign = psi(N, G)
+        return lam * M * T * G * (geometric_closed_form(psi_exact, L) + geometric_closed_form(psi_sign, L))
+    log10_value = theorem1_log10_bound(lam, M, T, G, N, L)
+    return 10.0 ** log10_value if log10_value < 308 else math.inf
+
+
+def theorem1_log10_bound(lam, M, T, G, N, L) -> float:
+    """``log10`` of Theorem 1's bound for positive numbers, exact in log space for Psi far above 1."""
+    psi_exact, psi_sign = psi(N, G)
+    a, b = sorted((_log10_geometric(psi_exact, L), _log10_geometric(psi_sign, L)))
+    return math.log10(lam * M * T * G) + b + math.log10(1 + 10.0 ** (a - b))
