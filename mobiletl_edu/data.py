@@ -1,0 +1,414 @@
+"""Datasets, transforms and training recipes for the MobileTL experiments.
+
+MobileTL (Chiang et al., AAAI 2023) evaluates on-device transfer learning on
+the eight fine-grained and object benchmarks popularised by TinyTL (Cai et al.,
+"TinyTL: Reduce Memory, Not Parameters for Efficient On-Device Learning",
+NeurIPS 2020). This module gives every one of them the same entry point::
+
+    train_ds, test_ds, num_classes = build_datasets("flowers102", root)
+
+Standard splits
+    cifar10 / cifar100  the official train (50k) and test (10k) batches.
+    flowers102          train + val (2,040 images) for training, test (6,149)
+                        for evaluation, as in TinyTL's dataset scripts.
+    pets                torchvision's ``trainval`` / ``test`` splits.
+    aircraft            ``trainval`` / ``test``, 100 variant labels.
+    cars                ``train`` / ``test``. The original download URL is
+                        dead upstream, so the files must be placed by hand.
+    food101             ``train`` / ``test`` from ``meta/*.json``.
+    cub200              the official ``train_test_split.txt``; read by
+                        :class:`CUB200` from the archive's own layout.
+
+Transforms follow TinyTL: random-resized crops with scale (0.22, 1) and a
+horizontal flip for training; resize to ``res * 256 / 224`` and a centre crop
+for testing; ImageNet mean/std normalisation for both.
+
+Recipe defaults (:func:`recipe`) are the per-dataset initial learning rates and
+label-smoothing factors of TinyTL's released batch-8 training scripts (Adam,
+50 epochs, cosine schedule; ``exp_scripts/batch8/*.sh`` in mit-han-lab/tinyml);
+MobileTL reuses that recipe. The two offline tasks carry our own values.
+
+Offline data
+    ``offline-source`` and ``offline-target`` need no network and no files on
+    disk: they read ``assets/fashion_mnist_subset.npz``, 5,500 real 28x28
+    grey-scale images taken from Fashion-MNIST (Xiao, Rasul and Vollgraf, 2017;
+    (c) 2017 Zalando SE, MIT licence; copied from Debian's
+    ``dataset-fashion-mnist`` package). The first 400 training and first 150
+    test images of every class were kept. The ten clothing classes are split
+    into two disjoint five-class tasks so that a network pretrained on the
+    source task can be fine-tuned on the target task. Images are converted to
+    three-channel RGB so the same MobileNet stem and transforms apply.
+
+Nothing is downloaded unless ``download=True`` is passed; a missing dataset
+raises :class:`FileNotFoundError` naming the folder that was looked at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import ConcatDataset, Dataset
+from torchvision import datasets, transforms
+from torchvision.datasets.utils import download_and_extract_archive
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TRAIN_CROP_SCALE = (0.22, 1.0)
+
+DEFAULT_DATASET = "offline-target"
+SOURCE_DATASET = "offline-source"
+
+OFFLINE_ASSET = Path(__file__).resolve().parent / "assets" / "fashion_mnist_subset.npz"
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+# Each task mixes upper-body garments and footwear, so features learnt on the
+# source task are useful, but no target class is ever seen during pretraining.
+OFFLINE_SOURCE_CLASSES = (0, 1, 2, 5, 8)
+OFFLINE_TARGET_CLASSES = (3, 4, 6, 7, 9)
+
+CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1"
+CUB_ARCHIVE = "CUB_200_2011.tgz"
+CUB_MD5 = "97eceeb196236b17998738112f37df78"
+
+CARS_LAYOUT = ("Expected: devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
+               "cars_test_annos_withlabels.mat, cars_train/ and cars_test/.")
+
+Transform = Callable[[Image.Image], object]
+Loader = Callable[[Path, Transform, Transform, bool], "tuple[Dataset, Dataset]"]
+
+
+# --------------------------------------------------------------------------
+# Transforms
+# --------------------------------------------------------------------------
+def _normalise() -> transforms.Normalize:
+    return transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+
+def train_transform(resolution: int) -> transforms.Compose:
+    """TinyTL training augmentation: random-resized crop + horizontal flip."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(resolution, scale=TRAIN_CROP_SCALE),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        _normalise(),
+    ])
+
+
+def test_transform(resolution: int) -> transforms.Compose:
+    """TinyTL evaluation: resize to res*256/224, then centre-crop to res."""
+    return transforms.Compose([
+        transforms.Resize(round(resolution * 256 / 224)),
+        transforms.CenterCrop(resolution),
+        transforms.ToTensor(),
+        _normalise(),
+    ])
+
+
+# --------------------------------------------------------------------------
+# CUB-200-2011, read from the official archive layout
+# --------------------------------------------------------------------------
+def _read_id_table(path: Path) -> dict[int, str]:
+    """Parse the ``<id> <value>`` lines used by every CUB metadata file."""
+    table = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            key, value = line.split(maxsplit=1)
+            table[int(key)] = value.strip()
+    return table
+
+
+class CUB200(Dataset):
+    """Caltech-UCSD Birds-200-2011 with its official train/test split.
+
+    ``root`` must contain ``CUB_200_2011/`` with ``images.txt``,
+    ``image_class_labels.txt``, ``train_test_split.txt``, ``classes.txt`` and
+    ``images/<class dir>/<file>.jpg``. Labels are 0-based (class id - 1).
+    """
+
+    folder = "CUB_200_2011"
+
+    def __init__(self, root: str | Path, train: bool = True,
+                 transform: Transform | None = None, download: bool = False):
+        self.base = Path(root).expanduser() / self.folder
+        if download and not self._is_complete():
+            download_cub200(root)
+        if not self._is_complete():
+            raise FileNotFoundError(
+                f"CUB-200-2011 metadata not found in {self.base}; "
+                "use download=True or extract CUB_200_2011.tgz there")
+        self.transform = transform
+        self.classes = self._read_classes()
+        self.samples = self._read_samples(train)
+        self.targets = [label for _, label in self.samples]
+
+    def _is_complete(self) -> bool:
+        names = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
+        return all((self.base / name).is_file() for name in names)
+
+    def _read_classes(self) -> list[str]:
+        table = _read_id_table(self.base / "classes.txt")
+        return [table[class_id] for class_id in sorted(table)]
+
+    def _read_samples(self, train: bool) -> list[tuple[Path, int]]:
+        paths = _read_id_table(self.base / "images.txt")
+        labels = _read_id_table(self.base / "image_class_labels.txt")
+        is_train = _read_id_table(self.base / "train_test_split.txt")
+        wanted = "1" if train else "0"
+        return [(self.base / "images" / paths[i], int(labels[i]) - 1)
+                for i in sorted(paths) if is_train[i] == wanted]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, label
+
+
+def download_cub200(root: str | Path) -> None:
+    """Fetch and unpack the official CUB_200_2011.tgz (about 1.1 GB) into ``root``."""
+    download_and_extract_archive(CUB_URL, str(Path(root).expanduser()),
+                                 filename=CUB_ARCHIVE, md5=CUB_MD5)
+
+
+# --------------------------------------------------------------------------
+# Offline Fashion-MNIST subset
+# --------------------------------------------------------------------------
+class ArrayImageDataset(Dataset):
+    """Grey-scale uint8 images held in memory, returned as RGB PIL images."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray,
+                 classes: list[str], transform: Transform | None = None):
+        self.images = images
+        self.targets = [int(label) for label in labels]
+        self.classes = classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index]).convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+def _select_classes(images: np.ndarray, labels: np.ndarray,
+                    class_ids: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the images of ``class_ids`` and relabel them 0..len(class_ids)-1."""
+    keep = np.isin(labels, class_ids)
+    relabel = {original: new for new, original in enumerate(class_ids)}
+    return images[keep], np.array([relabel[int(label)] for label in labels[keep]])
+
+
+def load_offline(class_ids: tuple[int, ...], train_tf: Transform,
+                 test_tf: Transform) -> tuple[Dataset, Dataset]:
+    """Build one offline task (a class subset of the bundled Fashion-MNIST)."""
+    names = [FASHION_MNIST_CLASSES[i] for i in class_ids]
+    with np.load(OFFLINE_ASSET, allow_pickle=False) as arrays:
+        train = _select_classes(arrays["train_images"], arrays["train_labels"], class_ids)
+        test = _select_classes(arrays["test_images"], arrays["test_labels"], class_ids)
+    return (ArrayImageDataset(*train, names, train_tf),
+            ArrayImageDataset(*test, names, test_tf))
+
+
+# --------------------------------------------------------------------------
+# Loaders: (root, train transform, test transform, download) -> (train, test)
+# --------------------------------------------------------------------------
+def _require_scipy(name: str) -> None:
+    try:
+        import scipy.io  # noqa: F401  (torchvision reads the .mat files with it)
+    except ImportError as err:
+        raise ImportError(f"{name} stores its labels in .mat files; "
+                          "install scipy (pip install scipy) to read them") from err
+
+
+def load_cifar(root: Path, train_tf: Transform, test_tf: Transform, download: bool,
+               dataset_cls: type = datasets.CIFAR10) -> tuple[Dataset, Dataset]:
+    """CIFAR-10 or CIFAR-100 (pass ``datasets.CIFAR100``): official batches."""
+    return (dataset_cls(root, train=True, transform=train_tf, download=download),
+            dataset_cls(root, train=False, transform=test_tf, download=download))
+
+
+def load_flowers102(root: Path, train_tf: Transform, test_tf: Transform, download: bool,
+                    dataset_cls: type = datasets.Flowers102) -> tuple[Dataset, Dataset]:
+    """Flowers102: train and val together for training, test for evaluation."""
+    _require_scipy("Flowers102")
+    train = ConcatDataset([
+        dataset_cls(root, split=split, transform=train_tf, download=download)
+        for split in ("train", "val")])
+    return train, dataset_cls(root, split="test", transform=test_tf, download=download)
+
+
+def load_pets(root: Path, train_tf: Transform, test_tf: Transform,
+              download: bool) -> tuple[Dataset, Dataset]:
+    """Oxford-IIIT Pets, 37 breeds: ``trainval`` / ``test``."""
+    def split(name, tf):
+        return datasets.OxfordIIITPet(root, split=name, target_types="category",
+                                      transform=tf, download=download)
+    return split("trainval", train_tf), split("test", test_tf)
+
+
+def load_aircraft(root: Path, train_tf: Transform, test_tf: Transform,
+                  download: bool) -> tuple[Dataset, Dataset]:
+    """FGVC-Aircraft, 100 variants: ``trainval`` / ``test``."""
+    def split(name, tf):
+        return datasets.FGVCAircraft(root, split=name, annotation_level="variant",
+                                     transform=tf, download=download)
+    return split("trainval", train_tf), split("test", test_tf)
+
+
+def load_cars(root: Path, train_tf: Transform, test_tf: Transform,
+              download: bool) -> tuple[Dataset, Dataset]:
+    """Stanford Cars, 196 models: ``train`` / ``test``; cannot be downloaded."""
+    if download:
+        raise ValueError(
+            "Stanford Cars cannot be downloaded: its original URL is broken upstream "
+            "(torchvision's StanfordCars.download() refuses as well). "
+            f"Place the files by hand under {root / 'stanford_cars'}. {CARS_LAYOUT}")
+    _require_scipy("Stanford Cars")
+    return (datasets.StanfordCars(root, split="train", transform=train_tf),
+            datasets.StanfordCars(root, split="test", transform=test_tf))
+
+
+def load_food101(root: Path, train_tf: Transform, test_tf: Transform,
+                 download: bool) -> tuple[Dataset, Dataset]:
+    """Food-101: ``train`` (75,750) / ``test`` (25,250) from ``meta/*.json``."""
+    def split(name, tf):
+        return datasets.Food101(root, split=name, transform=tf, download=download)
+    return split("train", train_tf), split("test", test_tf)
+
+
+def load_cub200(root: Path, train_tf: Transform, test_tf: Transform,
+                download: bool) -> tuple[Dataset, Dataset]:
+    """CUB-200-2011 with the official split file."""
+    return (CUB200(root, train=True, transform=train_tf, download=download),
+            CUB200(root, train=False, transform=test_tf))
+
+
+def _offline_loader(class_ids: tuple[int, ...]) -> Loader:
+    def load(root: Path, train_tf: Transform, test_tf: Transform, download: bool):
+        return load_offline(class_ids, train_tf, test_tf)
+    return load
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to load one dataset, its label count and TinyTL's recipe for it."""
+
+    loader: Loader
+    num_classes: int
+    lr: float
+    label_smoothing: float
+    folder: str | None = None  # sub-folder of root holding the data; None = bundled
+    manual_steps: str = ""  # how to place the data by hand
+    downloadable: bool = True
+
+
+_REGISTRY: dict[str, DatasetSpec] = {
+    "cifar10": DatasetSpec(
+        load_cifar, 10, 3e-4, 0.1, "cifar-10-batches-py",
+        "extract cifar-10-python.tar.gz into the root."),
+    "cifar100": DatasetSpec(
+        partial(load_cifar, dataset_cls=datasets.CIFAR100), 100, 3e-4, 0.1, "cifar-100-python",
+        "extract cifar-100-python.tar.gz into the root."),
+    "flowers102": DatasetSpec(
+        load_flowers102, 102, 2e-4, 0.7, "flowers-102",
+        "put jpg/ (from 102flowers.tgz), imagelabels.mat and setid.mat in that folder."),
+    "pets": DatasetSpec(
+        load_pets, 37, 0.5e-4, 0.7, "oxford-iiit-pet",
+        "extract images.tar.gz and annotations.tar.gz into that folder."),
+    "aircraft": DatasetSpec(
+        load_aircraft, 100, 16e-4, 0.7, "fgvc-aircraft-2013b",
+        "extract fgvc-aircraft-2013b.tar.gz into the root."),
+    "cars": DatasetSpec(
+        load_cars, 196, 8e-4, 0.7, "stanford_cars",
+        "Stanford Cars cannot be downloaded (its original URL is broken upstream); copy the "
+        "original release into that folder by hand. " + CARS_LAYOUT,
+        downloadable=False),
+    "food101": DatasetSpec(
+        load_food101, 101, 2e-4, 0.1, "food-101",
+        "extract food-101.tar.gz into the root."),
+    "cub200": DatasetSpec(
+        load_cub200, 200, 6e-4, 0.7, "CUB_200_2011",
+        "extract the official CUB_200_2011.tgz into the root."),
+    # Not part of TinyTL: our own settings for the bundled demo tasks, checked
+    # with MobileNetV3-Small at 32 px, Adam, batch 32 and a cosine schedule.
+    SOURCE_DATASET: DatasetSpec(
+        _offline_loader(OFFLINE_SOURCE_CLASSES), len(OFFLINE_SOURCE_CLASSES), 2e-3, 0.1),
+    DEFAULT_DATASET: DatasetSpec(
+        _offline_loader(OFFLINE_TARGET_CLASSES), len(OFFLINE_TARGET_CLASSES), 2e-3, 0.1),
+}
+
+
+def dataset_names() -> list[str]:
+    """Every name accepted by :func:`build_datasets`."""
+    return list(_REGISTRY)
+
+
+def _spec(name: str) -> DatasetSpec:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def recipe(name: str) -> dict[str, float]:
+    """TinyTL's initial learning rate and label smoothing for ``name``."""
+    spec = _spec(name)
+    return {"lr": spec.lr, "label_smoothing": spec.label_smoothing}
+
+
+def _how_to_get(spec: DatasetSpec) -> str:
+    if not spec.downloadable:
+        return spec.manual_steps
+    return ("Pass --download (download=True) to fetch it, or place it manually: "
+            + spec.manual_steps)
+
+
+def _require_local(name: str, spec: DatasetSpec, root: Path) -> None:
+    """Fail early, with instructions, when a dataset's folder is absent."""
+    path = root / spec.folder
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"dataset {name!r} not found: looked for {path}. {_how_to_get(spec)}")
+
+
+def build_datasets(name: str, root: str | Path, resolution: int = 224,
+                   download: bool = False) -> tuple[Dataset, Dataset, int]:
+    """Return ``(train_ds, test_ds, num_classes)`` with TinyTL's transforms.
+
+    ``root`` is the folder that holds (or will receive) the dataset's own
+    sub-folder; the bundled offline tasks ignore it. Nothing is downloaded
+    unless ``download`` is true.
+    """
+    spec = _spec(name)
+    if resolution <= 0:
+        raise ValueError(f"resolution must be positive, got {resolution}")
+    root = Path(root).expanduser()
+    if spec.folder is not None and not download:
+        _require_local(name, spec, root)
+    try:
+        train_ds, test_ds = spec.loader(root, train_transform(resolution),
+                                        test_transform(resolution), download)
+    except RuntimeError as err:  # torchvision's "not found or corrupted"
+        if spec.folder is None:
+            raise
+        raise FileNotFoundError(
+            f"dataset {name!r} in {root / spec.folder} is incomplete or corrupted "
+            f"({err}). {_how_to_get(spec)}") from err
+    return train_ds, test_ds, spec.num_classes
