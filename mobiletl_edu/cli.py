@@ -7,6 +7,7 @@ missing file) prints one line to stderr and exits with status 2: no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -31,7 +32,237 @@ def _add_summary_parser(sub) -> None:
     p.set_defaults(run=_summary_command)
 
 
-PARSER_BUILDERS = [_add_summary_parser]
+# Flags shared by train, pretrain and experiment: TrainConfig fields (None: the default).
+RUN_FLAGS = {
+    "--weights": (str, "imagenet | source | none | PATH of a state_dict "
+                       "(default: source for offline-target, imagenet otherwise)"),
+    "--epochs": (int, "default 50 (paper), 3 for the offline datasets"),
+    "--seed": (int, "default 0"),
+    "--batch-size": (int, "default 8"),
+    "--lr": (float, "default: the dataset's recipe (mobiletl_edu.data.recipe)"),
+    "--resolution": (int, "default 224, 64 for the offline datasets"),
+    "--bn-momentum": (float, "override the BatchNorm momentum"),
+    "--workers": (int, "data-loader processes (default 0)"),
+    "--limit": (int, "use a fixed subset of this many images per split (smoke tests)"),
+}
+
+
+def _add_run_flags(p, *flags, help_text=None) -> None:
+    for flag in flags:
+        kind, default_help = RUN_FLAGS[flag]
+        p.add_argument(flag, type=kind, help=help_text or default_help)
+
+
+def _add_where_flags(p) -> None:
+    """Where the data is and what runs it: these never change a run's result."""
+    p.add_argument("--download", action="store_true", help="download missing data or ImageNet weights")
+    p.add_argument("--data-root", default="data", help="folder holding the datasets (default ./data)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cuda when available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+
+
+def _set_threads(threads) -> None:
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
+
+
+# Flags of `train` that are fields of train.TrainConfig; left out (None), the dataset's default.
+TRAIN_CONFIG_FLAGS = ("model", "method", "blocks", "dataset", "weights", "epochs", "seed", "batch_size", "lr",
+                      "label_smoothing", "resolution", "frozen_precision", "bn_momentum", "deterministic",
+                      "workers", "limit")
+
+
+def _train_command(args) -> int:
+    from .train import TrainConfig, resume, train
+    _set_threads(args.threads)
+    given = {name: getattr(args, name) for name in TRAIN_CONFIG_FLAGS if getattr(args, name) is not None}
+    where = dict(data_root=args.data_root, download=args.download, device=args.device, progress=not args.quiet)
+    if args.resume:
+        if args.out is None:
+            raise ValueError("--resume needs --out DIR: the run to continue")
+        result = resume(args.out, given, **where)
+    else:
+        result = train(TrainConfig(**given), args.out, **where)
+    if int(os.environ.get("RANK", "0")) == 0:
+        config, final = result["config"], result["final"]
+        print(f"{config['model']} {config['method']} on {config['dataset']}: test top-1 "
+              f"{final['test_top1']:.2f}% after {result['epochs_done']} epochs, "
+              f"{result['trainable_parameters']:,} trainable parameters, stored activations "
+              f"{result['stored_activation_bytes'] / 1e6:.2f} MB; run in {result['out']}")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model with one method (no flags: the offline demo)",
+                       description="Fine-tune with the paper's recipe (Adam, cosine, batch 8). With no flags: "
+                                   "MobileNetV3-Small, mobiletl, 3 blocks, offline-target, shipped source weights.")
+    p.add_argument("--model", choices=MODEL_NAMES, help="default mobilenet_v3_small")
+    p.add_argument("--method", choices=METHODS, help="default mobiletl")
+    p.add_argument("--blocks", type=int, help="top blocks to fine-tune (block-wise methods; default 3)")
+    p.add_argument("--dataset", help="a name from mobiletl_edu.data.dataset_names(); default offline-target")
+    _add_run_flags(p, *RUN_FLAGS)
+    p.add_argument("--label-smoothing", type=float, help="default: the dataset's recipe")
+    p.add_argument("--frozen-precision", choices=("int8", "float"), help="default int8")
+    p.add_argument("--no-deterministic", dest="deterministic", action="store_const", const=False,
+                   help="allow non-deterministic kernels")
+    p.add_argument("--out", help="run directory (default runs/<run name>, numbered if taken)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    _add_where_flags(p)
+    p.set_defaults(run=_train_command)
+
+
+def _pretrain_command(args) -> int:
+    from .pretrain import pretrain, pretrain_config
+    _set_threads(args.threads)
+    given = {k: getattr(args, k) for k in ("epochs", "seed", "batch_size", "lr", "resolution", "bn_momentum",
+                                           "limit") if getattr(args, k) is not None}
+    record = pretrain(args.out, pretrain_config(**given), work_dir=args.work_dir, progress=not args.quiet)
+    print(f"source checkpoint {args.out}: source test top-1 {record['source_test_top1']:.2f}%, "
+          f"{record['bytes'] / 1e6:.1f} MB, sha256 {record['sha256']}")
+    return 0
+
+
+def _add_pretrain_parser(sub) -> None:
+    p = sub.add_parser("pretrain", help="pretrain the offline source checkpoint (stands in for ImageNet)",
+                       description="Train MobileNetV3-Small from scratch on offline-source and write its "
+                                   "weights with a provenance JSON beside them.")
+    p.add_argument("--out", default="runs/source/offline_source_mobilenet_v3_small.pt",
+                   help="weights file to write (must not exist); provenance goes to the same name .json")
+    p.add_argument("--work-dir", help="run directory (default: <out>-run); resumable")
+    _add_run_flags(p, "--epochs", "--seed", "--batch-size", "--lr", "--resolution", "--bn-momentum",
+                   help_text="default: the recipe of the shipped checkpoint (mobiletl_edu.pretrain)")
+    _add_run_flags(p, "--limit")
+    p.add_argument("--threads", type=int, help="torch CPU threads (the shipped file records its count)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(run=_pretrain_command)
+
+
+def _experiment_command(args) -> int:
+    import dataclasses
+
+    from .experiments import PRESETS, collect, markdown_table, results_table, run_grid, write_results
+    if args.list_presets:
+        for name, grid in PRESETS.items():
+            print(f"{name}: {len(grid.runs())} runs. {grid.description}")
+        return 0
+    _set_threads(args.threads)
+    if args.preset not in PRESETS:
+        raise ValueError(f"unknown preset {args.preset!r}; valid choices: {', '.join(PRESETS)}")
+    grid = PRESETS[args.preset]
+    changes = {k: tuple(getattr(args, k)) for k in ("models", "methods", "datasets", "seeds", "blocks")
+               if getattr(args, k) is not None}
+    settings = {k: getattr(args, k) for k in ("epochs", "weights", "resolution", "batch_size", "lr", "limit",
+                                              "workers") if getattr(args, k) is not None}
+    grid = dataclasses.replace(grid, **changes, settings={**grid.settings, **settings})
+    out = args.out or f"runs/experiments/{args.preset}"
+    if args.table_only:
+        rows = results_table(collect(grid, out))
+        write_results(rows, out)
+    else:
+        executor = {"cluster": args.cluster, **({"timeout_min": args.timeout_min} if args.timeout_min else {}),
+                    **({"slurm_partition": args.partition} if args.partition else {})}
+        run_grid(grid, out, launcher=args.launcher, processes=args.processes, executor_options=executor,
+                 data_root=args.data_root, download=args.download, device=args.device, progress=not args.quiet)
+        rows = results_table(collect(grid, out))
+    print(markdown_table(rows))
+    print(f"{len(rows)} rows; results.csv, results.md and accuracy_vs_memory.png in {out}")
+    return 0
+
+
+def _add_experiment_parser(sub) -> None:
+    p = sub.add_parser("experiment", help="run a grid of runs (resumable); write the table and the plot",
+                       description="models x methods x blocks x datasets x seeds; finished runs are skipped.")
+    p.add_argument("--preset", default="offline", help="offline (default), table3, table4, figure5, figure6, figure7")
+    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument("--models", nargs="+", choices=MODEL_NAMES)
+    p.add_argument("--methods", nargs="+", help="method names, or name:K for K blocks")
+    p.add_argument("--blocks", nargs="+", type=int, help="block counts for block-wise methods")
+    p.add_argument("--datasets", nargs="+")
+    p.add_argument("--seeds", nargs="+", type=int)
+    _add_run_flags(p, "--epochs", "--weights", "--resolution", "--batch-size", "--lr", "--limit", "--workers")
+    p.add_argument("--out", help="grid directory (default runs/experiments/<preset>)")
+    p.add_argument("--launcher", default="local", choices=("local", "submitit"))
+    p.add_argument("--cluster", default=None, help="submitit cluster: slurm, local or debug (default: auto)")
+    p.add_argument("--timeout-min", type=int, help="submitit job time limit")
+    p.add_argument("--partition", help="Slurm partition")
+    p.add_argument("--processes", type=int, default=1, help="processes (GPUs) per run, started with torchrun")
+    p.add_argument("--table-only", action="store_true", help="only collect finished runs into the table and plot")
+    _add_where_flags(p)
+    p.set_defaults(run=_experiment_command)
+
+
+PARSER_BUILDERS = [_add_summary_parser, _add_train_parser, _add_pretrain_parser, _add_experiment_parser]
+
+
+def _profile_command(args) -> int:
+    import json
+
+    from .measure import measured_report
+    from .profiler import profile_block, profile_model
+    _set_threads(args.threads)
+    common = dict(convention=args.convention, frozen_precision=args.frozen_precision)
+    if args.block is not None:
+        if args.model is not None:
+            raise ValueError("give --model (model mode) or --block (block mode), not both")
+        shape = _input_shape(args.input_shape)
+        result = profile_block(args.block, args.method, shape, expansion=args.expansion, kernel=args.kernel, **common)
+        spec = dict(block=args.block, method=args.method, input_shape=list(shape), expansion=args.expansion,
+                    kernel=args.kernel, frozen_precision=args.frozen_precision)
+    else:
+        model = args.model or "mobilenet_v3_small"
+        result = profile_model(model, args.method, args.blocks, batch=args.batch, resolution=args.resolution,
+                               classes=args.classes, **common)
+        spec = dict(model=model, method=args.method, blocks=args.blocks, batch=args.batch,
+                    resolution=args.resolution, classes=args.classes, frozen_precision=args.frozen_precision)
+    measured = measured_report(spec, args.device, args.threads) if args.measure else {}
+    if args.json:
+        print(json.dumps({**result.to_dict(), **measured}, indent=2))
+        return 0
+    print(result.table())
+    for key, value in measured.items():
+        print(f"{key:<36}" + ("n/a" if value is None else f"{value / result.convention.bytes_per_mb:.3f} MB"))
+    return 0
+
+
+def _input_shape(text: str) -> tuple:
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"--input-shape must be four positive integers N,C,H,W, got {text!r}")
+    return shape
+
+
+def _add_profile_parser(sub) -> None:
+    from .profiler import BLOCK_KINDS, CONVENTIONS
+    p = sub.add_parser("profile", help="analytic FLOPs, parameters and training memory of a model or one block",
+                       description="Model mode (default): --model/--method/--blocks. Block mode (Table 1, "
+                                   "Figure 1): --block with --input-shape/--expansion/--kernel.")
+    p.add_argument("--model", choices=MODEL_NAMES, help="default mobilenet_v3_small (model mode)")
+    p.add_argument("--method", default="mobiletl", choices=METHODS)
+    p.add_argument("--blocks", type=int, default=None, help="top blocks to fine-tune (block-wise methods)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=224)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--block", choices=BLOCK_KINDS, help="profile one block instead of a model")
+    p.add_argument("--input-shape", default="8,96,7,7", help="block mode: N,C,H,W (default 8,96,7,7, Table 1)")
+    p.add_argument("--expansion", type=int, default=1, help="block mode: expansion ratio (Table 1: 1, Figure 1: 6)")
+    p.add_argument("--kernel", type=int, default=5, help="block mode: depthwise / conv kernel size")
+    p.add_argument("--convention", default="pytorch", choices=tuple(CONVENTIONS),
+                   help="how bytes are counted: pytorch (agrees with measurement) or the paper's")
+    p.add_argument("--frozen-precision", default="int8", choices=("int8", "float"))
+    p.add_argument("--measure", action="store_true",
+                   help="add measured figures: saved tensors, and the peak memory of a step in a subprocess")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where --measure runs the step")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads, here and in the measured step")
+    p.add_argument("--json", action="store_true", help="print a JSON report instead of the table")
+    p.set_defaults(run=_profile_command)
+
+
+PARSER_BUILDERS.append(_add_profile_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

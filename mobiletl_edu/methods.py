@@ -71,6 +71,21 @@ def prepare(model, method: str, blocks: int | None = None, *, num_classes: int =
     return Prepared(model, torch.optim.Adam(trainable, lr=lr))
 
 
+SINGLE_BLOCK_METHODS = ("ft-blocks", *MOBILETL_FULL_BN, "remove-se", "relu")
+
+
+def prepare_block(block: nn.Module, method: str, frozen_precision: str = "int8") -> nn.Module:
+    """One block on its own, made what ``prepare`` makes of a trained top block (Table 1, Figure 1)."""
+    if method not in SINGLE_BLOCK_METHODS:
+        raise ValueError(f"method {method!r} does not apply to a single block; "
+                         f"valid choices: {', '.join(SINGLE_BLOCK_METHODS)}")
+    for p in block.parameters():
+        p.requires_grad_(True)
+    _rebuild_block(block, Unit("", "block"), method)  # path "": the block is its own root
+    _freeze_rest(block, frozen_precision)
+    return block.train()
+
+
 def _top_blocks(units: list[Unit], method: str, blocks) -> list[Unit]:
     all_blocks = [u for u in units if u.role == "block"]
     if method in GLOBAL_METHODS:
@@ -98,7 +113,10 @@ def _choose_trainable(model: nn.Module, units: list[Unit], top: list[Unit], meth
         for m in model.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 train(m)
-    elif method == "ft-bias":  # TinyTL-B: every bias (conv, linear, BN shift)
+    elif method == "ft-bias":
+        # TinyTL-B: every bias (conv, linear, BN shift). Its BNs normalise with the frozen
+        # statistics: batch statistics would make the input gradient need the whole input,
+        # which TinyTL's accounting (BN input charged only when the scale trains) leaves out.
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.requires_grad_(True)
