@@ -8,7 +8,10 @@ Everything here is sympy, one idea per function (the bound also has a float vers
   ``error_extrema`` and ``exact_set`` telling how large the error gets and where it vanishes;
 * ``bn_gradients``: the scale, shift and input gradients of BatchNorm (Eq. 1-2) in training and
   evaluation mode, derived by differentiating the forward pass;
-* ``geometric_closed_form`` and ``theorem1_bound``: the bound of Theorem 1.
+* ``geometric_closed_form`` and ``theorem1_bound``: the bound of Theorem 1;
+* ``block_stored_terms``, ``block_stored_bytes``, ``block_parameters`` and ``block_forward_macs``:
+  the training memory, parameters and MACs of one conv / MobileNetV2 / MobileNetV3 block
+  (Table 1, Figure 1) as formulas in batch, channels, height, width, expansion and kernel.
 """
 from __future__ import annotations
 
@@ -220,3 +223,134 @@ def theorem1_log10_bound(lam, M, T, G, N, L) -> float:
     psi_exact, psi_sign = psi(N, G)
     a, b = sorted((_log10_geometric(psi_exact, L), _log10_geometric(psi_sign, L)))
     return math.log10(lam * M * T * G) + b + math.log10(1 + 10.0 ** (a - b))
+
+
+# --------------------------------------------------------------------------------------------
+# Stored activations of one block (Table 1, Figure 1)
+# --------------------------------------------------------------------------------------------
+
+B, C, H, W = sp.symbols("B C H W", integer=True, positive=True)
+"""Batch size, block input (= output) channels, height and width of the block's maps."""
+e, k, s = sp.symbols("e k s", integer=True, positive=True)
+"""Expansion ratio, kernel size of the (depthwise) convolution, squeeze-excitation width."""
+
+BLOCK_KINDS = ("conv", "mbv2", "mbv3")
+BLOCK_METHODS = ("ft-blocks", "mobiletl")
+STORAGES = ("paper", "pytorch")
+
+
+class StoredTerm(NamedTuple):
+    """One tensor a layer of the block keeps for its backward pass."""
+    layer: str
+    what: str
+    elements: sp.Expr   # how many numbers the tensor holds
+    bits: sp.Expr       # bits per number (32 for a float map, 1 or 2 for a mask)
+
+    @property
+    def bytes(self) -> sp.Expr:
+        return self.elements * self.bits / 8
+
+
+def se_width(channels: int, expansion: int) -> int:
+    """torchvision's squeeze-excitation width: ``channels * expansion / 4`` rounded to a multiple of 8."""
+    quarter = channels * expansion // 4
+    width = max(8, (quarter + 4) // 8 * 8)
+    return width + 8 if width < 0.9 * quarter else width
+
+
+def block_stored_terms(kind: str, method: str = "ft-blocks", storage: str = "paper",
+                       relu6_bits: int = 2) -> list[StoredTerm]:
+    """What each layer of one stride-1 block keeps for backward, as symbols (Table 1, Figure 1).
+
+    The block sits inside a trained region (its input needs a gradient). ``storage="paper"`` is
+    the TinyTL-style accounting (a conv keeps its input, a BN its input only when its scale
+    trains, ReLU a 1-bit mask, exact ReLU6 a ``relu6_bits`` mask, Hard-Swish/-Sigmoid their
+    input); ``"pytorch"`` is what eager PyTorch keeps, each tensor once. ``method="mobiletl"``
+    makes the intermediate BNs shift-only and the activations 1-bit sign masks.
+    """
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"unknown block {kind!r}; valid choices: {', '.join(BLOCK_KINDS)}")
+    if method not in BLOCK_METHODS:
+        raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(BLOCK_METHODS)}")
+    if storage not in STORAGES:
+        raise ValueError(f"unknown storage {storage!r}; valid choices: {', '.join(STORAGES)}")
+    if kind == "conv" and method == "mobiletl":
+        raise ValueError("MobileTL rebuilds inverted residual blocks; use method 'ft-blocks' for 'conv'")
+    torch_like, mobiletl = storage == "pytorch", method == "mobiletl"
+    narrow, wide = B * C * H * W, B * C * e * H * W  # the block's input map, an expanded map
+    terms = []
+
+    def bn(name, n, channels, full):
+        if full:
+            terms.append(StoredTerm(name, "input", n, 32))
+            if torch_like:
+                terms.append(StoredTerm(name, "batch mean and 1/std", 2 * channels, 32))
+        elif torch_like:  # shift-only BN: the per-channel multiplier
+            terms.append(StoredTerm(name, "per-channel scale", channels, 32))
+
+    def activation(name, n, exact):
+        if mobiletl:
+            terms.append(StoredTerm(name, "1-bit sign mask", n, 1))
+        elif exact == "relu" and not torch_like:
+            terms.append(StoredTerm(name, "1-bit mask", n, 1))
+        elif exact == "relu6" and not torch_like:
+            terms.append(StoredTerm(name, f"{relu6_bits}-bit mask", n, relu6_bits))
+        else:  # PyTorch: ReLU its output, in-place ReLU6/Hard-Swish a copy of the input
+            terms.append(StoredTerm(name, "output" if exact == "relu" else "input", n, 32))
+
+    if kind == "conv":
+        terms.append(StoredTerm("conv", "input", narrow, 32))
+        bn("bn", narrow, C, True)
+        activation("relu", narrow, "relu")
+        return terms
+    act = "relu6" if kind == "mbv2" else "hardswish"
+    terms.append(StoredTerm("expand conv", "input", narrow, 32))
+    bn("expand bn", wide, C * e, not mobiletl)
+    activation(f"expand {act}", wide, act)
+    terms.append(StoredTerm("depthwise conv", "input", wide, 32))
+    bn("depthwise bn", wide, C * e, not mobiletl)
+    activation(f"depthwise {act}", wide, act)
+    if kind == "mbv3":  # squeeze-excitation, left exact by MobileTL
+        pooled = B * C * e
+        terms.append(StoredTerm("se fc1", "input", pooled, 32))
+        terms.append(StoredTerm("se relu", "output" if torch_like else "1-bit mask", B * s, 32 if torch_like else 1))
+        if not torch_like:  # PyTorch: fc2's input is the ReLU output already kept
+            terms.append(StoredTerm("se fc2", "input", B * s, 32))
+        terms.append(StoredTerm("se hardsigmoid", "input", pooled, 32))
+        terms.append(StoredTerm("se scale x input", "input", wide, 32))
+        terms.append(StoredTerm("se scale x input", "scale", pooled, 32))
+    terms.append(StoredTerm("project conv", "input", wide, 32))
+    bn("project bn", narrow, C, True)
+    return terms
+
+
+def block_stored_bytes(kind: str, method: str = "ft-blocks", storage: str = "paper",
+                       relu6_bits: int = 2) -> sp.Expr:
+    """The total of ``block_stored_terms``, in bytes, as a sympy expression in B, C, H, W, e, s."""
+    return sp.expand(sum(t.bytes for t in block_stored_terms(kind, method, storage, relu6_bits)))
+
+
+def block_parameters(kind: str) -> sp.Expr:
+    """Parameters of one block (Table 1's "# Param"), in C, e, k and s: conv weights + BN scale and shift."""
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"unknown block {kind!r}; valid choices: {', '.join(BLOCK_KINDS)}")
+    if kind == "conv":
+        return sp.expand(k**2 * C**2 + 2 * C)
+    hidden = C * e
+    irb = (C * hidden + 2 * hidden) + (k**2 * hidden + 2 * hidden) + (hidden * C + 2 * C)
+    if kind == "mbv3":
+        irb += (hidden * s + s) + (s * hidden + hidden)  # squeeze-excitation: two 1x1 convs with bias
+    return sp.expand(irb)
+
+
+def block_forward_macs(kind: str) -> sp.Expr:
+    """Multiply-accumulates of the block's convolutions in one forward pass (stride 1, same padding)."""
+    if kind not in BLOCK_KINDS:
+        raise ValueError(f"unknown block {kind!r}; valid choices: {', '.join(BLOCK_KINDS)}")
+    if kind == "conv":
+        return sp.expand(B * H * W * k**2 * C**2)
+    hidden = C * e
+    macs = B * H * W * (C * hidden + k**2 * hidden + hidden * C)
+    if kind == "mbv3":
+        macs += B * 2 * hidden * s
+    return sp.expand(macs)
