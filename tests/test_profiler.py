@@ -24,15 +24,6 @@ from mobiletl_edu.profiler import (CONVENTIONS, RULES, build_block, count, finet
 MB = 1e6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Hundreds of tiny convolutions: one thread is ten times faster than two fighting a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def rel(ours, reported):
     return abs(ours - reported) / reported
 
