@@ -28,7 +28,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-import yaml
+
+from toc import toc_files
 
 REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "_build"
@@ -147,25 +148,6 @@ def built_book() -> Path:
     return HTML
 
 
-def _toc_files() -> list[str]:
-    """Every document named in _toc.yml (root, parts, chapters, sections)."""
-    toc = yaml.safe_load((REPO / "_toc.yml").read_text())
-    files = [toc["root"]]
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                files.append(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk({k: v for k, v in toc.items() if k != "root"})
-    return files
-
-
 def test_book_builds(built_book: Path) -> None:
     assert (built_book / "index.html").is_file()
     log = (BUILD / "build.log").read_text()
@@ -173,7 +155,7 @@ def test_book_builds(built_book: Path) -> None:
 
 
 def test_every_toc_page_is_built(built_book: Path) -> None:
-    files = _toc_files()
+    files = toc_files()
     assert "book/intro" in files and "book/references" in files
     missing = []
     for name in files:

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+
+from toc import toc_files
 
 import mobiletl_edu
 from mobiletl_edu.cli import build_parser, main
@@ -103,22 +104,7 @@ def test_top_level_help_lists_every_subcommand():
 
 def _toc_documents() -> set[str]:
     """Every page the book builds, as a path relative to the repository root, no extension."""
-    toc = yaml.safe_load((REPO / "_toc.yml").read_text())
-    found = {toc["root"]}
-
-    def walk(node):
-        if isinstance(node, dict):
-            if "file" in node:
-                found.add(node["file"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(toc.get("parts", []))
-    walk(toc.get("chapters", []))
-    return {str(Path(f).with_suffix("")) if Path(f).suffix in (".md", ".ipynb") else f for f in found}
+    return {str(Path(f).with_suffix("")) if Path(f).suffix in (".md", ".ipynb") else f for f in toc_files()}
 
 
 DOC_ROLE = re.compile(r"\{doc\}`([^`]*)`")
