@@ -165,7 +165,7 @@ def _build_step(spec: dict, device: str):
     return module, inputs, None if targets is None else targets.to(device), optimizer
 
 
-def _resident_bytes(field_name: str) -> int | None:
+def resident_bytes(field_name: str) -> int | None:
     """``VmRSS`` / ``VmHWM`` of this process from /proc, or None where there is no /proc."""
     try:
         with open("/proc/self/status") as status:
@@ -177,7 +177,7 @@ def _resident_bytes(field_name: str) -> int | None:
     return None
 
 
-def _reset_peak() -> bool:
+def reset_peak_rss() -> bool:
     """Reset the kernel's resident peak (VmHWM) of this process; False where not possible."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -187,7 +187,7 @@ def _reset_peak() -> bool:
         return False
 
 
-def _max_rss_bytes() -> int:
+def max_rss_bytes() -> int:
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -205,8 +205,8 @@ def _run_step_here(spec: dict, device: str) -> StepPeak:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         cuda_before = torch.cuda.memory_allocated()
-    rss_before = _resident_bytes("VmRSS") or _max_rss_bytes()
-    peak_reset = _reset_peak() and _resident_bytes("VmHWM") is not None
+    rss_before = resident_bytes("VmRSS") or max_rss_bytes()
+    peak_reset = reset_peak_rss() and resident_bytes("VmHWM") is not None
     out = module(inputs)
     loss = F.cross_entropy(out, targets) if targets is not None else out.float().mean()
     optimizer.zero_grad()
@@ -214,7 +214,7 @@ def _run_step_here(spec: dict, device: str) -> StepPeak:
     optimizer.step()
     if cuda:
         torch.cuda.synchronize()
-    rss_peak = _resident_bytes("VmHWM") if peak_reset else _max_rss_bytes()
+    rss_peak = resident_bytes("VmHWM") if peak_reset else max_rss_bytes()
     return StepPeak(device, rss_before, rss_peak, peak_reset,
                     cuda_before if cuda else None, torch.cuda.max_memory_allocated() if cuda else None)
 

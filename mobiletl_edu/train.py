@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .data import DEFAULT_DATASET, SOURCE_DATASET, build_datasets, dataset_names, recipe
-from .measure import _max_rss_bytes, _reset_peak, _resident_bytes, saved_activations
+from .measure import max_rss_bytes, reset_peak_rss, resident_bytes, saved_activations
 from .methods import BLOCK_METHODS, METHODS, prepare
 from .models import MODEL_NAMES, build_model, find_units, set_submodule
 from .quant import PRECISIONS
@@ -411,7 +411,7 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
-        _reset_peak()  # where the system refuses, the peak stays the process's lifetime peak
+        reset_peak_rss()  # where the system refuses, the peak stays the process's lifetime peak
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -419,7 +419,7 @@ def peak_memory_bytes(device: torch.device) -> int:
     included), since the last :func:`reset_peak_memory`."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return _resident_bytes("VmHWM") or _max_rss_bytes()
+    return resident_bytes("VmHWM") or max_rss_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
