@@ -113,6 +113,10 @@ class ShiftOnlyBatchNorm2d(nn.Module):
         self.register_buffer("num_batches_tracked", bn.num_batches_tracked.detach().clone())
 
     def forward(self, x):
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.bias.requires_grad)):
+            # nothing to differentiate (the frozen bottom): torch's fused eval-mode kernel
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                training=False, eps=self.eps)
         with torch.no_grad():  # per-channel constants, built from frozen tensors
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
             offset = -self.running_mean * scale

@@ -35,11 +35,7 @@ class _FrozenWeightOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, layer):
         ctx.layer, ctx.input_shape, ctx.dtype = layer, x.shape, x.dtype
-        weight = layer.dequantized_weight(x.dtype)
-        bias = None if bias is None else bias.to(x.dtype)
-        if layer.conv_args is None:
-            return F.linear(x, weight, bias)
-        return F.conv2d(x, weight, bias, **layer.conv_args)
+        return layer.plain_forward(x)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -92,8 +88,16 @@ class FrozenLayer(nn.Module):
         view = (-1,) + (1,) * (self.weight_int8.dim() - 1)
         return self.weight_int8.to(dtype) * self.weight_scale.to(dtype).view(view)
 
+    def plain_forward(self, x):
+        """conv2d / linear with the dequantized weight, recording nothing for autograd."""
+        weight, bias = self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, weight, bias) if self.conv_args is None else F.conv2d(x, weight, bias, **self.conv_args)
+
     def forward(self, x):
-        return _FrozenWeightOp.apply(x, self.bias, self)
+        trainable_bias = self.bias is not None and self.bias.requires_grad
+        if torch.is_grad_enabled() and (x.requires_grad or trainable_bias):
+            return _FrozenWeightOp.apply(x, self.bias, self)
+        return self.plain_forward(x)  # the frozen bottom: no graph to build
 
     def extra_repr(self):
         return f"{self.kind} {self.in_features}->{self.out_features}, frozen {self.precision}"
