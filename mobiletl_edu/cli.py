@@ -294,6 +294,9 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         print(f"mobiletl-edu {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"mobiletl-edu {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -472,11 +472,12 @@ class Profile:
     def table(self) -> str:
         """A readable per-layer table followed by the totals."""
         mb = self.mb
-        head = (f"{'layer':<32}{'kept for backward':<22}{'fwd MFLOPs':>11}{'bwd MFLOPs':>11}"
+        kept = max([len("kept for backward"), *(len(layer.stored) for layer in self.layers)]) + 1
+        head = (f"{'layer':<32}{'kept for backward':<{kept}}{'fwd MFLOPs':>11}{'bwd MFLOPs':>11}"
                 f"{'trainable':>11}{'stored MB':>11}")
         lines = [head, "-" * len(head)]
         for layer in self.layers:
-            lines.append(f"{layer.name[:31]:<32}{layer.stored[:21]:<22}{layer.forward_flops / 1e6:>11.2f}"
+            lines.append(f"{layer.name[:31]:<32}{layer.stored:<{kept}}{layer.forward_flops / 1e6:>11.2f}"
                          f"{layer.backward_flops / 1e6:>11.2f}{layer.params_trainable:>11,}"
                          f"{mb(layer.activation_bytes):>11.3f}")
         lines.append("-" * len(head))

@@ -27,3 +27,11 @@ def test_user_errors_exit_2_without_traceback(args, message):
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """Like `mobiletl-edu profile ... | head`: the reader is gone before the table is printed."""
+    command = f"{sys.executable} -m mobiletl_edu.cli profile --block mbv3 --method mobiletl | true"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr
