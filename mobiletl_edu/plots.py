@@ -64,7 +64,8 @@ def plot_block_activations(vanilla: Profile, mobiletl: Profile, title: str | Non
                   fontsize=8)
     ax.set_ylabel("stored for backward (MB)")
     saved = 1 - mobiletl.activation_bytes / vanilla.activation_bytes if vanilla.activation_bytes else 0.0
-    ax.legend(title=f"{100 * saved:.1f} % less with MobileTL")
+    ax.legend(title=f"{100 * saved:.1f} % less with MobileTL", loc="upper left", bbox_to_anchor=(1.01, 1),
+              borderaxespad=0)
     ax.set_title(title or f"Stored activations per layer (convention {vanilla.convention.name!r})")
     return fig
 
