@@ -24,7 +24,10 @@ def main():
     parser.add_argument("--model", default="mobilenet_v3_small")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 10, (8,))
