@@ -37,11 +37,17 @@ def build_model(name: str, num_classes: int = 1000) -> nn.Module:
     """A randomly initialised model from the registry (weights are loaded separately)."""
     if name not in MODEL_BUILDERS:
         raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODEL_NAMES)}")
-    if not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    check_positive(num_classes=num_classes)
     if name == "proxyless_mobile":
         return proxyless_mobile(num_classes=num_classes)
     return MODEL_BUILDERS[name](weights=None, num_classes=num_classes)
+
+
+def check_positive(**values) -> None:
+    """ValueError naming the first argument that is not a positive integer (bools are refused)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from torchvision.models.mobilenetv3 import InvertedResidualConfig
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
 from .methods import LiteResidual, prepare, prepare_block
-from .models import block_units, build_model
+from .models import block_units, build_model, check_positive
 from .ops import ShiftOnlyBatchNorm2d, SignHardswish, SignReLU, SignReLU6
 from .quant import FrozenLayer
 
@@ -644,7 +644,7 @@ def profile_model(model: str | nn.Module, method: str, blocks: int | None = None
                   resolution: int = 224, classes: int = 10, convention: str | Convention = "pytorch",
                   frozen_precision: str = "int8") -> Profile:
     """``prepare`` a model for ``method`` and profile one training step at batch x 3 x res x res."""
-    _check_positive(batch=batch, resolution=resolution, classes=classes)
+    check_positive(batch=batch, resolution=resolution, classes=classes)
     prepared = prepare(model, method, blocks, num_classes=classes, frozen_precision=frozen_precision)
     return profile(prepared.model, (batch, 3, resolution, resolution), convention=convention)
 
@@ -661,7 +661,7 @@ def build_block(kind: str, channels: int = 96, expansion: int = 1, kernel: int =
     """
     if kind not in BLOCK_KINDS:
         raise ValueError(f"unknown block {kind!r}; valid choices: {', '.join(BLOCK_KINDS)}")
-    _check_positive(channels=channels, expansion=expansion, kernel=kernel)
+    check_positive(channels=channels, expansion=expansion, kernel=kernel)
     if kernel % 2 == 0:
         raise ValueError(f"kernel must be odd (same padding), got {kernel}")
     if kind == "conv":
@@ -706,12 +706,6 @@ def finetuning_sweep(model: str, method: str = "ft-blocks", *, batch: int = 8, r
     sweep["FT-All"] = profile_model(model, "ft-all", batch=batch, resolution=resolution, classes=classes,
                                     convention=convention)
     return sweep
-
-
-def _check_positive(**values):
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from .data import DEFAULT_DATASET, SOURCE_DATASET, build_datasets, dataset_names, recipe
 from .measure import max_rss_bytes, reset_peak_rss, resident_bytes, saved_activations
 from .methods import BLOCK_METHODS, METHODS, prepare
-from .models import MODEL_NAMES, build_model, find_units, set_submodule
+from .models import MODEL_NAMES, build_model, check_positive, find_units, set_submodule
 from .quant import PRECISIONS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -112,10 +112,9 @@ class TrainConfig:
             label_smoothing=_default(self.label_smoothing, defaults["label_smoothing"]),
             resolution=_default(self.resolution, OFFLINE_RESOLUTION if offline else PAPER_RESOLUTION),
         )
-        for name in ("epochs", "batch_size", "resolution"):
-            _check_positive(name, getattr(config, name))
+        check_positive(epochs=config.epochs, batch_size=config.batch_size, resolution=config.resolution)
         if config.limit is not None:
-            _check_positive("limit", config.limit)
+            check_positive(limit=config.limit)
         if config.bn_momentum is not None and not 0 < config.bn_momentum <= 1:
             raise ValueError(f"bn_momentum must be in (0, 1], got {config.bn_momentum}")
         if config.workers < 0:
@@ -137,11 +136,6 @@ def _default(value, default):
 def _check_choice(name, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
-
-
-def _check_positive(name, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------
