@@ -110,3 +110,10 @@ def freeze_layers(module: nn.Module, precision: str = "int8") -> nn.Module:
     for name, child in list(module.named_children()):
         setattr(module, name, freeze_layers(child, precision))
     return module
+
+
+def frozen_weight_bytes(model: nn.Module) -> int:
+    """Bytes the frozen weights of ``model`` take as stored: int8 values plus scales, or float copies."""
+    return sum(b.numel() * b.element_size()
+               for m in model.modules() if isinstance(m, FrozenLayer)
+               for name, b in m.named_buffers(recurse=False) if name.startswith("weight"))

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 
 from mobiletl_edu.measure import saved_activations
-from mobiletl_edu.quant import FrozenLayer, freeze_layers, quantize_per_channel
+from mobiletl_edu.quant import FrozenLayer, freeze_layers, frozen_weight_bytes, quantize_per_channel
 
 
 @given(rows=st.integers(1, 8), cols=st.integers(1, 20), seed=st.integers(0, 2**16))
@@ -87,3 +87,9 @@ def test_bad_arguments():
         FrozenLayer(nn.Linear(2, 2), "int4")
     with pytest.raises(ValueError, match="BatchNorm2d"):
         FrozenLayer(nn.BatchNorm2d(2))
+
+
+def test_frozen_weight_bytes_counts_the_stored_weights():
+    conv, linear = nn.Conv2d(8, 16, 3, bias=False), nn.Linear(16, 4)
+    net = nn.Sequential(FrozenLayer(conv, "int8"), FrozenLayer(linear, "float"))
+    assert frozen_weight_bytes(net) == (conv.weight.numel() + 16 * 4) + linear.weight.numel() * 4
