@@ -13,29 +13,43 @@ input, and an eval-mode ``nn.BatchNorm2d`` saves its input even with a frozen we
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_BIT_WEIGHTS = (128, 64, 32, 16, 8, 4, 2, 1)
+# Eight 0/1 bytes read as one little-endian int64 hold bit i of byte k at position 8k. Multiplying
+# by this constant (bytes 1, 2, 4, ..., 128 from low to high) adds a copy of byte k shifted by
+# 8j + j for every j; the copies with k + j = 7 land on bits 63 - k of the product, the others
+# on distinct lower bits or past bit 63, so nothing carries: the top byte is the eight booleans,
+# byte 0 in its most significant bit. Written as the signed int64 with the same bits.
+_GATHER_BITS = 0x8040201008040201 - (1 << 64)
+_SHIFTS = (7, 6, 5, 4, 3, 2, 1, 0)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a boolean tensor of any shape into ``ceil(numel / 8)`` uint8 bytes (MSB first)."""
-    flat = mask.reshape(-1).to(torch.uint8)
+    flat = mask.reshape(-1).to(torch.bool).view(torch.uint8)
     pad = (-flat.numel()) % 8
-    if pad:
+    if pad or flat.storage_offset() % 8:  # a fresh tensor: whole, aligned 8-byte words
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=flat.device)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    if sys.byteorder != "little":  # the word trick assumes little-endian; weigh and sum instead
+        weights = torch.tensor([1 << s for s in _SHIFTS], dtype=torch.uint8, device=flat.device)
+        return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    return ((flat.view(torch.int64) * _GATHER_BITS) >> 56).to(torch.uint8)
+
+
+def _bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """The first ``n`` bits of ``packed`` as a flat uint8 tensor of 0s and 1s."""
+    shifts = torch.tensor(_SHIFTS, dtype=torch.uint8, device=packed.device)
+    return ((packed.view(-1, 1) >> shifts) & 1).view(-1)[:n]
 
 
 def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a boolean tensor of ``shape``."""
     shape = torch.Size(shape)
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=packed.device)
-    bits = (packed.view(-1, 1) & weights) != 0
-    return bits.reshape(-1)[: shape.numel()].view(shape)
+    return _bits(packed, shape.numel()).view(shape).bool()
 
 
 _FORWARDS = {"hardswish": F.hardswish, "relu6": F.relu6, "relu": F.relu}
@@ -54,8 +68,7 @@ class _SignApproximated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (packed,) = ctx.saved_tensors
-        mask = unpack_bits(packed, ctx.shape)
-        return grad_out * mask.to(grad_out.dtype), None
+        return grad_out * _bits(packed, ctx.shape.numel()).view(ctx.shape), None  # uint8 0/1 promotes
 
 
 def sign_hardswish(x: torch.Tensor) -> torch.Tensor:

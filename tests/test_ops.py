@@ -1,5 +1,6 @@
 """The sign-approximated activations, bit packing and the frozen-shift BatchNorm (mobiletl_edu.ops)."""
 import math
+import sys
 
 import pytest
 import torch
@@ -120,6 +121,24 @@ def test_pack_unpack_round_trip(shape, seed):
 def test_pack_bits_layout_is_msb_first():
     mask = torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1], dtype=torch.bool)
     assert pack_bits(mask).tolist() == [0b10000001, 0b10000000]
+
+
+def _packed_by_hand(bits):
+    """Independent truth: each group of eight booleans read as a binary number, first one highest."""
+    bits = list(bits) + [False] * (-len(bits) % 8)
+    return [int("".join("1" if b else "0" for b in bits[i:i + 8]), 2) for i in range(0, len(bits), 8)]
+
+
+@given(n=st.integers(0, 200), start=st.integers(0, 9), seed=st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None)
+def test_pack_bits_matches_binary_numbers_also_for_sliced_input(n, start, seed):
+    """The int64 multiply trick, and the fallback for big-endian machines, give the same bytes."""
+    mask = (torch.rand(n + start, generator=torch.Generator().manual_seed(seed)) > 0.5)[start:]  # offset storage
+    expected = _packed_by_hand(mask.tolist())
+    assert pack_bits(mask).tolist() == expected
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sys, "byteorder", "big")
+        assert pack_bits(mask).tolist() == expected
 
 
 def _pretrained_bn(channels=4, seed=0):
