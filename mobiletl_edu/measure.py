@@ -143,13 +143,12 @@ def measured_report(spec: dict, device: str = "cpu", threads: int | None = None)
 def _build_step(spec: dict, device: str):
     """(module, inputs, targets or None, optimizer) for ``spec``, on ``device``."""
     from .methods import prepare, prepare_block
+    from .models import check_positive
     from .profiler import build_block
 
     if "model" in spec:
         batch, resolution, classes = (spec.get(k, d) for k, d in (("batch", 8), ("resolution", 224), ("classes", 10)))
-        for name, value in (("batch", batch), ("resolution", resolution), ("classes", classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_positive(batch=batch, resolution=resolution, classes=classes)
         module = prepare(spec["model"], spec["method"], spec.get("blocks"), num_classes=classes,
                          frozen_precision=spec.get("frozen_precision", "int8")).model
         shape, targets = (batch, 3, resolution, resolution), torch.randint(0, classes, (batch,))

@@ -9,6 +9,11 @@ Each method is three decisions, taken in this order:
    saves its input, a BN with a frozen scale turns into ``ShiftOnlyBatchNorm2d`` (its shift
    trains or not). Below the first trained parameter nothing requires grad, so autograd records
    nothing there: the frozen bottom keeps no activations.
+
+The frozen bottom then only runs inference, so it is prepared as an inference engine would be
+(``optimize_bottom=True``): each frozen BN is folded into the conv before it, the convs run on
+channels_last maps, and the bottom's output is handed to the trained blocks in the default
+(contiguous) layout, so that the trained part runs exactly as in every other method.
 """
 from __future__ import annotations
 
@@ -45,10 +50,11 @@ class Prepared(NamedTuple):
 
 
 def prepare(model, method: str, blocks: int | None = None, *, num_classes: int = 1000,
-            lr: float = 3e-4, frozen_precision: str = "int8") -> Prepared:
+            lr: float = 3e-4, frozen_precision: str = "int8", optimize_bottom: bool = True) -> Prepared:
     """Turn ``model`` (a module, or a name from ``MODEL_NAMES``) into a fine-tuning setup.
 
     Returns the model (modified in place) and an Adam optimizer over its trainable parameters.
+    ``optimize_bottom=False`` leaves the frozen bottom's BNs and layout as they are (for comparison).
     """
     if isinstance(model, str):
         model = build_model(model, num_classes)
@@ -65,6 +71,8 @@ def prepare(model, method: str, blocks: int | None = None, *, num_classes: int =
     for unit in top:
         _rebuild_block(model, unit, method)
     _freeze_rest(model, frozen_precision)
+    if optimize_bottom:
+        _optimize_bottom(model, frozen_bottom(model, units))
 
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -184,6 +192,43 @@ def _freeze_rest(module: nn.Module, precision: str) -> None:
             _freeze_rest(child, precision)
 
 
+def frozen_bottom(model: nn.Module, units: list[Unit]) -> list[Unit]:
+    """The leading units with no trainable parameter: they run without autograd."""
+    bottom = []
+    for unit in units:
+        if any(p.requires_grad for p in model.get_submodule(unit.path).parameters()):
+            break
+        bottom.append(unit)
+    return bottom
+
+
+def _optimize_bottom(model: nn.Module, bottom: list[Unit]) -> None:
+    """Fold frozen BNs into the frozen convs before them; make the convs run channels_last.
+
+    Folding looks at neighbours in ``nn.Sequential`` containers only, where the order of the
+    children is the order of the forward pass (MobileNets, ProxylessNAS; a ResNet block's own
+    forward keeps its BNs). A hook on the bottom's last unit makes its output contiguous again.
+    """
+    if not bottom:
+        return
+    for unit in bottom:
+        for seq in [m for m in model.get_submodule(unit.path).modules() if isinstance(m, nn.Sequential)]:
+            children = list(seq.named_children())
+            for (_, conv), (name, bn) in zip(children, children[1:]):
+                if (isinstance(conv, FrozenLayer) and conv.conv_args is not None
+                        and not conv.folded_batchnorm and isinstance(bn, ShiftOnlyBatchNorm2d)):
+                    conv.absorb_batchnorm(bn)
+                    setattr(seq, name, nn.Identity())
+        for m in model.get_submodule(unit.path).modules():
+            if isinstance(m, FrozenLayer):
+                m.use_channels_last()
+    model.get_submodule(bottom[-1].path).register_forward_hook(_contiguous_output)
+
+
+def _contiguous_output(module, args, output):
+    return output.contiguous() if isinstance(output, torch.Tensor) else output
+
+
 class LiteResidual(nn.Module):
     """TinyTL's lite residual patch around a block (Cai et al. 2020, Section 3.2).
 
@@ -224,7 +269,7 @@ def describe_layer(m: nn.Module) -> str | None:
     if isinstance(m, (nn.Hardswish, nn.ReLU6, nn.ReLU, nn.Hardsigmoid)):
         return f"{type(m).__name__} exact"
     if isinstance(m, FrozenLayer):
-        return f"{m.kind} frozen {m.precision}"
+        return f"{m.kind} frozen {m.precision}" + (" + BN folded" if m.folded_batchnorm else "")
     if isinstance(m, (nn.Conv2d, nn.Linear)):
         return f"{type(m).__name__} trained"
     return None

@@ -71,7 +71,8 @@ class FrozenLayer(nn.Module):
             self.conv_args = None
         else:
             raise ValueError(f"FrozenLayer wraps nn.Conv2d or nn.Linear, not {type(layer).__name__}")
-        self.kind, self.precision = type(layer).__name__, precision
+        self.kind, self.precision, self.folded_batchnorm = type(layer).__name__, precision, False
+        self.channels_last = False
         self.in_features = layer.weight.shape[1] * (layer.groups if self.conv_args else 1)
         self.out_features = layer.weight.shape[0]
         if precision == "int8":
@@ -82,6 +83,33 @@ class FrozenLayer(nn.Module):
             self.register_buffer("weight_float", layer.weight.detach().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
 
+    def absorb_batchnorm(self, bn: nn.Module) -> None:
+        """Fold the frozen BatchNorm that follows this conv into it: ``bn(conv(x)) = conv'(x)``.
+
+        BN computes ``(y - mean) * a + beta`` with ``a = gamma / sqrt(var + eps)`` per channel, so
+        the folded conv has weight ``w * a`` and bias ``beta + (b - mean) * a``. In int8 only the
+        per-channel scale changes (``scale * a``; ``a`` may be negative): quantizing ``w * a``
+        afresh would give the same int8 values up to sign, so folding adds no rounding error.
+        """
+        if self.conv_args is None:
+            raise ValueError("only a frozen conv absorbs a BatchNorm")
+        with torch.no_grad():
+            a = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            bias = 0 if self.bias is None else self.bias
+            self.bias = nn.Parameter(bn.bias + (bias - bn.running_mean) * a, requires_grad=False)
+            if self.precision == "int8":
+                self.weight_scale = self.weight_scale * a
+            else:
+                self.weight_float = self.weight_float * a.view(-1, 1, 1, 1)
+        self.folded_batchnorm = True
+
+    def use_channels_last(self) -> None:
+        """Convolve channels_last maps (oneDNN's faster layout on CPU): the input is converted if
+        it is not one already. The frozen bottom needs this at every conv, because an op such as
+        squeeze-excitation's ``scale * x`` hands back the default layout, and a 1x1 or depthwise
+        weight cannot tell the conv which layout to pick. Nothing is trained there."""
+        self.channels_last = self.conv_args is not None
+
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         if self.precision == "float":
             return self.weight_float.to(dtype)
@@ -90,6 +118,8 @@ class FrozenLayer(nn.Module):
 
     def plain_forward(self, x):
         """conv2d / linear with the dequantized weight, recording nothing for autograd."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         weight, bias = self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias) if self.conv_args is None else F.conv2d(x, weight, bias, **self.conv_args)
 
@@ -100,7 +130,8 @@ class FrozenLayer(nn.Module):
         return self.plain_forward(x)  # the frozen bottom: no graph to build
 
     def extra_repr(self):
-        return f"{self.kind} {self.in_features}->{self.out_features}, frozen {self.precision}"
+        folded = " + BN folded" if self.folded_batchnorm else ""
+        return f"{self.kind} {self.in_features}->{self.out_features}, frozen {self.precision}{folded}"
 
 
 def freeze_layers(module: nn.Module, precision: str = "int8") -> nn.Module:

@@ -1,4 +1,5 @@
 """prepare(model, method, blocks): the intended parameters, and only those, train (mobiletl_edu.methods)."""
+import copy
 import re
 
 import pytest
@@ -161,6 +162,61 @@ def test_frozen_bottom_keeps_no_activations():
     assert bottom == []
     frozen = [m for m in model.features[:9].modules() if isinstance(m, FrozenLayer)]
     assert frozen and all(m.precision == "int8" and m.weight_int8.dtype == torch.int8 for m in frozen)
+
+
+@pytest.mark.parametrize("model_name, method", [("mobilenet_v3_small", "mobiletl"), ("mobilenet_v2", "ft-blocks"),
+                                                ("resnet18", "mobiletl"), ("mobilenet_v3_small", "ft-last")])
+def test_optimized_bottom_computes_the_same_step(model_name, method):
+    """Folded BNs and channels_last weights change how the bottom runs, not what the step computes."""
+    blocks = None if method in GLOBAL_METHODS else 2
+    torch.manual_seed(0)
+    base = build_model(model_name, 5)
+    _randomize_bn_statistics(base)
+    # in float64, so that float32 rounding in the bottom is not amplified into the gradients
+    plain = prepare(copy.deepcopy(base), method, blocks, num_classes=5, optimize_bottom=False).model.double()
+    fast = prepare(copy.deepcopy(base), method, blocks, num_classes=5).model.double()
+    x, y = torch.randn(2, 3, 64, 64, dtype=torch.float64), torch.randint(0, 5, (2,))
+    losses = {}
+    for name, model in (("plain", plain), ("fast", fast)):
+        torch.manual_seed(1)  # the same dropout mask
+        losses[name] = F.cross_entropy(model(x), y)
+        losses[name].backward()
+    assert torch.allclose(losses["fast"], losses["plain"], rtol=1e-6)
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert grads and grads.keys() == {n for n, p in fast.named_parameters() if p.requires_grad}
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            # the folded scales are float32 products: 1e-7 relative, up to 1e-5 after 17 random blocks
+            assert (p.grad - grads[n]).norm() <= 1e-4 * grads[n].norm() + 1e-12, n
+    assert saved_activations(fast, x, y).total_bytes == saved_activations(plain, x, y).total_bytes
+
+
+def _randomize_bn_statistics(model):
+    """Pretrained-like BNs: folding a freshly initialised BN (mean 0, var 1, scale 1) tests little."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
+            m.bias.data = torch.randn(m.num_features, generator=g) * 0.1
+            m.running_mean.data = torch.randn(m.num_features, generator=g) * 0.1
+            m.running_var.data = torch.rand(m.num_features, generator=g) + 0.5
+
+
+def test_optimized_bottom_folds_its_bns_and_hands_on_a_contiguous_map():
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in build_model("mobilenet_v3_small").features[:9].modules())
+    model = prepare("mobilenet_v3_small", "mobiletl", 3, num_classes=5).model
+    bottom, top = model.features[:9], model.features[9:]
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__ == "ShiftOnlyBatchNorm2d"
+                   for m in bottom.modules())
+    convs = [m for m in bottom.modules() if isinstance(m, FrozenLayer)]
+    assert sum(m.folded_batchnorm for m in convs) == bns > 0  # every BN, into the conv before it
+    assert all(m.channels_last for m in convs)
+    assert not any(isinstance(m, FrozenLayer) and m.folded_batchnorm for m in top.modules())
+    seen = {}
+    model.features[9].register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    model(torch.randn(2, 3, 64, 64))
+    assert seen["x"].is_contiguous()
+    assert "BN folded" in summary(model)
 
 
 def test_float_option_keeps_float_weights():

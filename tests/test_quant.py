@@ -93,3 +93,39 @@ def test_frozen_weight_bytes_counts_the_stored_weights():
     conv, linear = nn.Conv2d(8, 16, 3, bias=False), nn.Linear(16, 4)
     net = nn.Sequential(FrozenLayer(conv, "int8"), FrozenLayer(linear, "float"))
     assert frozen_weight_bytes(net) == (conv.weight.numel() + 16 * 4) + linear.weight.numel() * 4
+
+
+def _bn_with_statistics(channels, seed):
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(channels).eval()
+    with torch.no_grad():
+        bn.weight.copy_(torch.randn(channels, generator=g))  # some scales negative
+        bn.bias.copy_(torch.randn(channels, generator=g))
+        bn.running_mean.copy_(torch.randn(channels, generator=g))
+        bn.running_var.copy_(torch.rand(channels, generator=g) + 0.1)
+    return bn
+
+
+@pytest.mark.parametrize("layer", [m for m in CONVS if isinstance(m, nn.Conv2d)], ids=lambda m: repr(m))
+@pytest.mark.parametrize("precision", ["int8", "float"])
+def test_absorbing_a_batchnorm_gives_the_same_map_and_keeps_the_int8_values(layer, precision):
+    bn = _bn_with_statistics(layer.out_channels, seed=1)
+    frozen = FrozenLayer(layer, precision)
+    x = torch.randn(2, layer.in_channels, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        expected = F.batch_norm(frozen.double()(x), bn.running_mean.double(), bn.running_var.double(),
+                                bn.weight.double(), bn.bias.double(), eps=bn.eps)
+    frozen = frozen.float()
+    before = frozen.weight_int8.clone() if precision == "int8" else None
+    frozen.absorb_batchnorm(bn)
+    with torch.no_grad():
+        folded = frozen.double()(x)
+    assert frozen.folded_batchnorm and "BN folded" in repr(frozen)
+    assert torch.allclose(folded, expected, rtol=1e-5, atol=1e-5)
+    if precision == "int8":
+        assert torch.equal(frozen.weight_int8, before)  # only the per-channel scales changed
+
+
+def test_only_a_conv_absorbs_a_batchnorm():
+    with pytest.raises(ValueError, match="only a frozen conv"):
+        FrozenLayer(nn.Linear(3, 4)).absorb_batchnorm(nn.BatchNorm2d(4))
