@@ -18,6 +18,7 @@ from torchvision.models import mobilenetv2, mobilenetv3, resnet
 from torchvision.ops.misc import SqueezeExcitation
 
 from .proxyless import proxyless_mobile
+from .quant import FrozenLayer
 
 INVERTED_RESIDUALS = (mobilenetv2.InvertedResidual, mobilenetv3.InvertedResidual)
 RESNET_BLOCKS = (resnet.BasicBlock, resnet.Bottleneck)
@@ -69,7 +70,7 @@ def find_units(model: nn.Module) -> list[Unit]:
         for stage in ("layer1", "layer2", "layer3", "layer4"):
             units += [Unit(f"{stage}.{i}", "block") for i in range(len(getattr(model, stage)))]
         units += [Unit("avgpool", "head"), Unit("fc", "classifier")]
-        if not all(isinstance(model.get_submodule(u.path), RESNET_BLOCKS) for u in units if u.role == "block"):
+        if not all(_is_block(model.get_submodule(u.path), RESNET_BLOCKS) for u in units if u.role == "block"):
             raise ValueError(f"{type(model).__name__}: ResNet stages hold blocks that are not BasicBlock/Bottleneck")
     else:
         raise ValueError(
@@ -80,8 +81,13 @@ def find_units(model: nn.Module) -> list[Unit]:
     return units
 
 
+def _is_block(module: nn.Module, block_types) -> bool:
+    """A block, or a block wrapped by TinyTL's lite residual patch (``methods.LiteResidual.main``)."""
+    return isinstance(module, block_types) or isinstance(getattr(module, "main", None), block_types)
+
+
 def _sequential_units(features: nn.Sequential, model_name: str, block_types) -> list[Unit]:
-    is_block = [isinstance(m, block_types) for m in features]
+    is_block = [_is_block(m, block_types) for m in features]
     if not any(is_block):
         raise ValueError(f"cannot recognise the blocks of {model_name}: its features hold no inverted "
                          f"residual block; supported models: {', '.join(MODEL_NAMES)}")
@@ -94,10 +100,12 @@ def _sequential_units(features: nn.Sequential, model_name: str, block_types) -> 
 
 
 def _classifier_units(classifier: nn.Module) -> list[Unit]:
-    """The last Linear is the classifier; Linears before it are fusion layers (MobileNetV3's 576->1024)."""
+    """The last Linear is the classifier; Linears before it are fusion layers (MobileNetV3's 576->1024),
+    also once ``prepare`` has frozen them."""
     if isinstance(classifier, nn.Linear):
         return [Unit("classifier", "classifier")]
-    linears = [i for i, m in enumerate(classifier) if isinstance(m, nn.Linear)]
+    linears = [i for i, m in enumerate(classifier)
+               if isinstance(m, nn.Linear) or (isinstance(m, FrozenLayer) and m.kind == "Linear")]
     if not linears:
         raise ValueError("the model's classifier has no nn.Linear layer")
     roles = {i: "fusion" for i in linears[:-1]} | {linears[-1]: "classifier"}

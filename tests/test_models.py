@@ -23,6 +23,16 @@ def test_mobilenet_v3_small_fusion_includes_the_576_to_1024_linear():
     assert [p for p, r in units if r == "classifier"] == ["classifier.3"]
 
 
+@pytest.mark.parametrize("model_name", ["mobilenet_v3_small", "resnet18"])
+@pytest.mark.parametrize("method", ["ft-last", "tinytl-lite-residual"])
+def test_units_keep_their_roles_once_prepared(model_name, method):
+    """A frozen fusion Linear is still a fusion layer, a patched block still a block."""
+    from mobiletl_edu.methods import prepare
+    blocks = None if method == "ft-last" else 2
+    before = roles(build_model(model_name, 10))
+    assert roles(prepare(model_name, method, blocks, num_classes=10).model) == before
+
+
 def test_resnet_units():
     units = roles(build_model("resnet50", 10))
     assert [p for p, r in units if r == "stem"] == ["conv1", "bn1", "relu", "maxpool"]
