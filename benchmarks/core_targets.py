@@ -13,13 +13,10 @@ the baseline's memory layout.
 """
 import argparse
 import platform
-import statistics
-import time
 
 import torch
-import torch.nn.functional as F
 
-from mobiletl_edu.measure import saved_activations
+from mobiletl_edu.measure import saved_activations, step_times
 from mobiletl_edu.methods import prepare
 
 METHODS = {"ft-all": None, "ft-blocks": 3, "mobiletl": 3}
@@ -39,7 +36,7 @@ def main():
     x, y = torch.randn(8, 3, 224, 224), torch.randint(0, 10, (8,))
     setups = {m: prepare(args.model, m, b, num_classes=10) for m, b in METHODS.items()}
     stored = {m: saved_activations(s.model, x, y).total_bytes for m, s in setups.items()}
-    median = step_times(setups, x, y, args.warmup, args.steps)
+    median = step_times(setups, x, y, steps=args.steps, warmup=args.warmup)
 
     print(f"{args.model}, batch 8, 224x224, 10 classes; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
@@ -58,7 +55,8 @@ def main():
                                                          optimize_bottom=False),
                "ft-all, channels_last": prepare(args.model, "ft-all", num_classes=10)}
     context["ft-all, channels_last"].model.to(memory_format=torch.channels_last)
-    median = step_times(context, x, y, args.warmup, args.steps)
+    median = step_times(context, x, y, steps=args.steps, warmup=args.warmup,
+                        inputs_for={"ft-all, channels_last": x.contiguous(memory_format=torch.channels_last)})
     print("context (no targets; a second run, four setups interleaved):")
     for name in context:
         print(f"  {name:<32} median step {median[name]:.3f} s")
@@ -67,21 +65,6 @@ def main():
           f"{median['ft-all'] / median['mobiletl, bottom not optimized']:.2f}x")
     print(f"  ft-all in channels_last / mobiletl             = "
           f"{median['ft-all, channels_last'] / median['mobiletl']:.2f}x")
-
-
-def step_times(setups, x, y, warmup, steps):
-    """Median seconds per training step of each setup, the setups interleaved step by step."""
-    times = {m: [] for m in setups}
-    for step in range(warmup + steps):
-        for m, (model, opt) in setups.items():
-            inputs = x.contiguous(memory_format=torch.channels_last) if "channels_last" in m else x
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(inputs), y).backward()
-            opt.step()
-            if step >= warmup:
-                times[m].append(time.perf_counter() - start)
-    return {m: statistics.median(t) for m, t in times.items()}
 
 
 if __name__ == "__main__":

@@ -10,13 +10,18 @@ it was first saved.
 peak resident memory from the operating system (``/proc/self/status``, else ``ru_maxrss``) and,
 on CUDA, the caching allocator's peak. These are what a device would see; they include the
 allocator's slack, so they are upper bounds on the analytic peak, not equal to it.
+
+``step_times`` times training steps of several setups, interleaved step by step, so that a
+noisy machine slows them alike: compare their ratios, not their absolute times across runs.
 """
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
@@ -80,6 +85,28 @@ def saved_activations(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
 
 # ---------------------------------------------------------------------------------------------
 # Peak memory of a training step, measured in a separate process
+
+
+def step_times(setups: dict, inputs: torch.Tensor, targets: torch.Tensor, *, steps: int = 30, warmup: int = 3,
+               inputs_for: dict | None = None) -> dict:
+    """Median seconds per training step (zero_grad, forward, cross-entropy backward, optimizer step).
+
+    ``setups`` maps a name to ``(model, optimizer)`` (a ``Prepared`` fits); the setups take turns
+    step by step, and the first ``warmup`` steps are not timed. ``inputs_for`` may give a setup
+    its own inputs (the same batch in another memory layout, say).
+    """
+    inputs_for = inputs_for or {}
+    times = {name: [] for name in setups}
+    for step in range(warmup + steps):
+        for name, (model, optimizer) in setups.items():
+            x = inputs_for.get(name, inputs)
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), targets).backward()
+            optimizer.step()
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 @dataclass

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mobiletl_edu.cli import main
-from mobiletl_edu.measure import StepPeak, saved_activations, step_peak_memory
+from mobiletl_edu.measure import StepPeak, saved_activations, step_peak_memory, step_times
 from mobiletl_edu.methods import prepare
 
 # the measuring process runs with one thread: two threads on a busy two-core machine crawl
@@ -67,3 +67,32 @@ def test_cli_measure_adds_the_measured_figures(capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out)
     assert report["measured_activation_bytes"] == report["activation_bytes"]  # pytorch convention
     assert report["measured_rss_peak_bytes"] > 0 and report["measured_cuda_peak_bytes"] is None
+
+
+def test_step_times_interleaves_the_setups_and_trains_each():
+    """Every setup takes warmup + steps optimizer steps; a setup given its own inputs gets them."""
+    seen, steps_taken = {}, {}
+
+    class Probe(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name, self.linear = name, nn.Linear(4, 3)
+
+        def forward(self, x):
+            seen.setdefault(self.name, []).append(x)
+            return self.linear(x)
+
+    setups = {}
+    for name in ("a", "b"):
+        model = Probe(name)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        opt.register_step_post_hook(lambda o, args, kwargs, name=name: steps_taken.__setitem__(
+            name, steps_taken.get(name, 0) + 1))
+        setups[name] = (model, opt)
+    x, y, other = torch.randn(2, 4), torch.tensor([0, 2]), torch.randn(2, 4)
+    before = setups["a"][0].linear.weight.detach().clone()
+    medians = step_times(setups, x, y, steps=4, warmup=1, inputs_for={"b": other})
+    assert set(medians) == {"a", "b"} and all(t > 0 for t in medians.values())
+    assert steps_taken == {"a": 5, "b": 5}
+    assert all(t is x for t in seen["a"]) and all(t is other for t in seen["b"])
+    assert not torch.equal(setups["a"][0].linear.weight, before)
