@@ -212,14 +212,15 @@ def _optimize_bottom(model: nn.Module, bottom: list[Unit]) -> None:
     if not bottom:
         return
     for unit in bottom:
-        for seq in [m for m in model.get_submodule(unit.path).modules() if isinstance(m, nn.Sequential)]:
+        module = model.get_submodule(unit.path)
+        for seq in [m for m in module.modules() if isinstance(m, nn.Sequential)]:
             children = list(seq.named_children())
             for (_, conv), (name, bn) in zip(children, children[1:]):
                 if (isinstance(conv, FrozenLayer) and conv.conv_args is not None
                         and not conv.folded_batchnorm and isinstance(bn, ShiftOnlyBatchNorm2d)):
                     conv.absorb_batchnorm(bn)
                     setattr(seq, name, nn.Identity())
-        for m in model.get_submodule(unit.path).modules():
+        for m in module.modules():
             if isinstance(m, FrozenLayer):
                 m.use_channels_last()
     model.get_submodule(bottom[-1].path).register_forward_hook(_contiguous_output)
