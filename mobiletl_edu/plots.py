@@ -367,3 +367,73 @@ def plot_backward_graph(graphs: dict, title: str = "") -> Figure:
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy against memory (Figures 5 to 7 of the paper)
+
+_MEMORY_LABELS = {"stored_activation_mb": "stored activations, measured (MB)",
+                  "analytic_memory_mb": "memory footprint, analytic (MB)",
+                  "peak_memory_mb": "peak memory, measured (MB)"}
+_MARKERS = "osD^vP*Xph<>"
+
+
+def _seeds_label(rows: list[dict]) -> str:
+    seeds = sorted({int(r.get("seeds") or 1) for r in rows})
+    if seeds == [1]:
+        return "top-1 accuracy (%), one seed"
+    what = f"{seeds[0]} seeds" if len(seeds) == 1 else f"{seeds[0]} to {seeds[-1]} seeds"
+    return f"top-1 accuracy (%), mean ± std over {what}"
+
+
+def plot_accuracy_vs_memory(rows: list[dict], memory: str = "stored_activation_mb", title: str = ""):
+    """Figures 5 to 7: top-1 against ``memory``, one panel per dataset, the Pareto front dashed.
+
+    ``rows`` are ``experiments.results_table`` rows. Each method (with its K, and its model when
+    the rows hold several) has its own colour and marker, named in a legend below the panels
+    rather than beside the points, so no labels collide; marker area grows with the training
+    FLOPs (all equal without a profiler). Error bars (one standard deviation) appear only for
+    rows with more than one seed, and the y label says how many seeds there are.
+    """
+    from .experiments import pareto_front
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    several_models = len({r["model"] for r in rows}) > 1
+
+    def name(r):
+        label = r["method"] + (f" (K={r['blocks']})" if r["blocks"] else "")
+        return f"{r['model']}: {label}" if several_models else label
+
+    names = list(dict.fromkeys(name(r) for r in rows))
+    style = {n: (f"C{i % 10}", _MARKERS[i % len(_MARKERS)]) for i, n in enumerate(names)}
+    flops = [r["training_mflops"] for r in rows if r.get("training_mflops")]
+    largest = max(flops) if flops else None
+    fig = Figure(figsize=(min(7.4, 4.2 * len(datasets)) if len(datasets) > 1 else 7.0,
+                          4.0 + 0.22 * ((len(names) + 2) // 3)), layout="constrained")
+    axes = fig.subplots(1, len(datasets), squeeze=False)[0]
+    for ax, dataset in zip(axes, datasets):
+        mine = [r for r in rows if r["dataset"] == dataset]
+        points = [(r[memory], r["top1_mean"]) for r in mine]
+        front = pareto_front(points)
+        for i, (r, (m, a)) in enumerate(zip(mine, points)):
+            colour, marker = style[name(r)]
+            if int(r.get("seeds") or 1) > 1:
+                ax.errorbar(m, a, yerr=r["top1_std"], fmt="none", ecolor=colour, alpha=0.6,
+                            capsize=3, zorder=1)
+            size = 40 + 400 * r["training_mflops"] / largest if largest and r.get("training_mflops") else 90
+            ax.scatter(m, a, s=size, color=colour, marker=marker, alpha=0.8, zorder=2,
+                       edgecolors="black" if i in front else "none", linewidths=1.2, label=name(r))
+        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1,
+                label="Pareto front", zorder=0)
+        ax.set_xlabel(_MEMORY_LABELS.get(memory, memory))
+        ax.set_title(dataset if len(datasets) > 1 else (title or dataset))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(_seeds_label(rows))
+    handles = {h.get_label(): h for ax in axes for h in ax.get_legend_handles_labels()[0]}
+    legend = fig.legend(list(handles.values()), list(handles), loc="outside lower center",
+                        ncol=3, fontsize=8, markerscale=0.6, frameon=False)
+    legend.set_title("black edge: on the Pareto front; marker area ~ training FLOPs"
+                     if largest else "black edge: on the Pareto front", prop={"size": 8})
+    if title and len(datasets) > 1:
+        fig.suptitle(title)
+    return fig
