@@ -399,6 +399,7 @@ function bookDefects() {
   const article = document.querySelector('article.bd-article') || document.querySelector('main')
                   || document.body;
   const defects = [];
+  if (!article) return defects;  // a redirect page (index.html) may have no body yet
   const add = (kind, node, detail) => defects.push({kind: kind, detail: (detail ||
       (node.textContent || node.outerHTML || '')).replace(/\s+/g, ' ').trim().slice(0, 160)});
   const verbatim = 'pre, code, kbd, script, style, textarea, .math, mjx-container, .highlight';
