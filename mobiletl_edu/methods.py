@@ -221,11 +221,23 @@ def _optimize_bottom(model: nn.Module, bottom: list[Unit]) -> None:
                 if (isinstance(conv, FrozenLayer) and conv.conv_args is not None
                         and not conv.folded_batchnorm and isinstance(bn, ShiftOnlyBatchNorm2d)):
                     conv.absorb_batchnorm(bn)
-                    setattr(seq, name, nn.Identity())
+                    setattr(seq, name, FoldedBatchNorm(bn))
         for m in module.modules():
             if isinstance(m, FrozenLayer):
                 m.use_channels_last()
     model.get_submodule(bottom[-1].path).register_forward_hook(_contiguous_output)
+
+
+class FoldedBatchNorm(nn.Identity):
+    """Where a BatchNorm was before ``prepare`` folded it into the conv before it: passes its input
+    on, and remembers the BN's size and eps so that ``export.plain_model`` can put a BN back."""
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
+        self.num_features, self.eps = bn.num_features, bn.eps
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, folded into the conv before it"
 
 
 def _contiguous_output(module, args, output):

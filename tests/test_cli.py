@@ -1,4 +1,5 @@
 """The command line: readable output, and user errors as one line with exit status 2."""
+import os
 import subprocess
 import sys
 import textwrap
@@ -43,10 +44,7 @@ HELP_WITHOUT_TORCH = textwrap.dedent("""
     from mobiletl_edu.cli import build_parser, main
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for argv in [[], *([name] for name in sub.choices)]:
-        try:
-            main([*argv, "--help"])
-        except SystemExit as done:
-            assert done.code == 0, argv
+        assert main([*argv, "--help"]) == 0, argv
         assert "torch" not in sys.modules, f"{argv} --help imported torch"
     import mobiletl_edu
     assert "torch" not in sys.modules, "import mobiletl_edu imported torch"
@@ -96,3 +94,54 @@ def test_bad_values_are_refused_on_one_line(args, bad, valid):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert bad in lines[0] and valid in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The error contract: exit 2, one line naming the bad value and the valid choices, nothing written
+# ---------------------------------------------------------------------------------------------
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+CONTRACT = [
+    (["train", "--threads", "0"], ["--threads", "'0'", "positive integer"]),
+    (["train", "--threads", "-1"], ["--threads", "'-1'", "positive integer"]),
+    (["train", "--device", "foo"], ["'foo'", "valid choices here: cpu"]),
+    (["train", "--device", "cuda:x"], ["'cuda:x'", "valid choices here: cpu"]),
+    (["train", "--lr", "nan"], ["--lr", "'nan'", "finite number > 0"]),
+    (["train", "--dataset", "cifar10", "--weights", "none", "--download"],
+     ["dataset 'cifar10'", "looks offline", "Place the files by hand", "cifar-10-python.tar.gz"]),
+    (["train", "--weights", "imagenet", "--download"],
+     ["ImageNet weights", "looks offline", "mobilenet_v3_small-047dcff4.pth", "copy it to"]),
+    (["train", "--out", "missing/run"], ["missing/run", "missing does not exist"]),
+    (["train", "--out", "/sys/mobiletl-run"], ["/sys/mobiletl-run", "/sys is not writable"]),
+    (["experiment", "--methods", "ft-last", "--seeds", "0", "--out", "missing/grid"], ["missing does not exist"]),
+    (["experiment", "--methods", "ft-last", "--seeds", "0", "--out", "/sys/grid"], ["/sys is not writable"]),
+    (["experiment", "--methods", "ft-last", "--seeds", "0", "--device", "foo"], ["'foo'", "valid choices here"]),
+    (["pretrain", "--out", "missing/source.pt"], ["missing does not exist"]),
+    (["pretrain", "--out", "/sys/source.pt"], ["/sys is not writable"]),
+]
+
+
+@pytest.mark.parametrize("args, expected", CONTRACT, ids=[" ".join(a) for a, _ in CONTRACT])
+def test_every_user_error_is_one_line_exit_2_and_writes_nothing(tmp_path, args, expected):
+    """Run where a fresh user would (an empty folder, the default runs/ and data/ inside it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch-home")}
+    before = _tree(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "mobiletl_edu.cli", *args], capture_output=True, text=True,
+                            cwd=tmp_path, env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert all(part in lines[0] for part in expected), lines[0]
+    assert "Traceback" not in result.stderr
+    assert _tree(tmp_path) == before
+
+
+def test_cuda_on_a_machine_without_one_is_refused():
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = run_cli("train", "--device", "cuda")
+    assert result.returncode == 2
+    assert "no CUDA GPU" in result.stderr and "valid choices here: cpu" in result.stderr
