@@ -427,8 +427,9 @@ def _spec(name: str) -> DatasetInfo:
 
 
 def recipe(name: str) -> dict[str, float]:
-    """TinyTL's initial learning rate and label smoothing for ``name``."""
-    spec = _spec(name)
+    """TinyTL's initial learning rate and label smoothing for ``name`` (your own data, ``folder`` or
+    ``custom``: CIFAR's, a starting point)."""
+    spec = _spec(FOLDER_DATASET if name == CUSTOM_DATASET else name)
     return {"lr": spec.lr, "label_smoothing": spec.label_smoothing}
 
 

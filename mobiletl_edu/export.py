@@ -253,8 +253,11 @@ def _export_onnx(plain: nn.Module, example: torch.Tensor, path: str, meta: dict)
     model of the package in seconds, with a dynamic batch axis; the class names go into the
     model's metadata."""
     import warnings
-
-    import onnx
+    try:
+        import onnx
+    except ImportError as error:
+        raise ValueError("ONNX export needs the onnx and onnxscript packages: pip install onnx onnxscript "
+                         "(the project's test extra has them)") from error
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice
         torch.onnx.export(plain, (example,), path, input_names=["images"], output_names=["logits"],

@@ -148,7 +148,7 @@ def read_checkpoint(path: str | os.PathLike):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():  # garbage bytes fail the same way
+        if "Unsupported global" not in str(error):  # not an object it refused: garbage bytes
             raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or not saved by "
                              f"torch.save)") from error
         # weights_only refused an object: say so in our words, without torch's advice to switch it off
