@@ -1,4 +1,5 @@
 """The command line: readable output, and user errors as one line with exit status 2."""
+import json
 import os
 import subprocess
 import sys
@@ -123,19 +124,50 @@ CONTRACT = [
 ]
 
 
-@pytest.mark.parametrize("args, expected", CONTRACT, ids=[" ".join(a) for a, _ in CONTRACT])
-def test_every_user_error_is_one_line_exit_2_and_writes_nothing(tmp_path, args, expected):
-    """Run where a fresh user would (an empty folder, the default runs/ and data/ inside it)."""
+# One child process runs every case, each in a fresh empty folder (the default runs/ and data/
+# inside it) with its own torch home, through mobiletl_edu.cli.main: torch is imported once.
+CONTRACT_DRIVER = textwrap.dedent("""
+    import contextlib, io, json, os, sys, traceback
+    from mobiletl_edu.cli import main
+    results = []
+    for folder, args in json.loads(sys.argv[1]):
+        os.chdir(folder)
+        os.environ["TORCH_HOME"] = os.path.join(folder, "torch-home")
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(args)
+            except BaseException:
+                code, _ = "exception", err.write(traceback.format_exc())
+        results.append([code, err.getvalue()])
+    print(json.dumps(results))
+""")
+
+
+def test_every_user_error_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    folders = [tmp_path / f"case{i}" for i in range(len(CONTRACT))]
+    for folder in folders:
+        folder.mkdir()
+    cases = [[str(folder), args] for folder, (args, _) in zip(folders, CONTRACT)]
+    child = subprocess.run([sys.executable, "-c", CONTRACT_DRIVER, json.dumps(cases)], capture_output=True,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert child.returncode == 0, child.stderr
+    for folder, (args, expected), (code, error) in zip(folders, CONTRACT, json.loads(child.stdout)):
+        lines = [line for line in error.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1, (args, code, error)
+        assert all(part in lines[0] for part in expected), (args, lines[0])
+        assert _tree(folder) == [], (args, _tree(folder))  # nothing written, no folder left
+
+
+@pytest.mark.parametrize("args, expected", [CONTRACT[2], CONTRACT[5]], ids=["device", "download"])
+def test_the_console_command_exits_2_with_one_line(tmp_path, args, expected):
+    """The same contract seen from outside: the process's exit status and its whole stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch-home")}
-    before = _tree(tmp_path)
     result = subprocess.run([sys.executable, "-m", "mobiletl_edu.cli", *args], capture_output=True, text=True,
                             cwd=tmp_path, env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert all(part in lines[0] for part in expected), lines[0]
-    assert "Traceback" not in result.stderr
-    assert _tree(tmp_path) == before
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(part in result.stderr for part in expected)
+    assert _tree(tmp_path) == []
 
 
 def test_cuda_on_a_machine_without_one_is_refused():

@@ -1,10 +1,7 @@
 """Using a fine-tuned run: the plain inference model, TorchScript and ONNX export (checked by
 onnxruntime), evaluation and prediction (mobiletl_edu.export)."""
-import copy
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,13 +12,13 @@ from torch import nn
 
 from mobiletl_edu import export as X
 from mobiletl_edu import train as T
+from mobiletl_edu.cli import main
 from mobiletl_edu.methods import FoldedBatchNorm, prepare
 from mobiletl_edu.models import build_model
 from mobiletl_edu.ops import ShiftOnlyBatchNorm2d, SignHardswish, SignReLU, SignReLU6
 from mobiletl_edu.quant import FrozenLayer
 
 TRAINING_ONLY = (FrozenLayer, ShiftOnlyBatchNorm2d, SignHardswish, SignReLU6, SignReLU, FoldedBatchNorm)
-ONE_THREAD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def _pretrained_like(model_name, seed=0):
@@ -167,27 +164,24 @@ def test_predict_names_the_classes_and_matches_the_model(trained_run, tmp_path):
     assert len(results[0]["top"]) == 2
 
 
-def test_cli_evaluate_predict_and_export(trained_run, tmp_path):
-    def cli(*args):
-        return subprocess.run([sys.executable, "-m", "mobiletl_edu.cli", *args], capture_output=True, text=True,
-                              env=ONE_THREAD_ENV)
-
+def test_cli_evaluate_predict_and_export(trained_run, tmp_path, capsys):
     out = tmp_path / "evaluation"
-    result = cli("evaluate", str(trained_run), "--out", str(out), "--threads", "1")
-    assert result.returncode == 0, result.stderr
+    assert main(["evaluate", str(trained_run), "--out", str(out)]) == 0
+    assert "Ankle boot" in capsys.readouterr().out
     report = json.loads((out / "evaluation.json").read_text())
     summary = json.loads((trained_run / "summary.json").read_text())
     assert report["top1"] == pytest.approx(summary["final"]["test_top1"])
     assert report["images"] == 16 and sum(map(sum, report["confusion"])) == 16
-    assert set(report["per_class_top1"]) == set(X.run_classes(trained_run)) and "Ankle boot" in result.stdout
+    assert set(report["per_class_top1"]) == set(X.run_classes(trained_run))
     assert (out / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["evaluate", str(trained_run), "--out", str(out)]) == 2  # never over an earlier one
+    assert "already exists" in capsys.readouterr().err
 
     _image(tmp_path / "shirt.png", 3)
-    result = cli("predict", str(trained_run), str(tmp_path / "shirt.png"), "--top", "1", "--json")
-    assert result.returncode == 0, result.stderr
-    (only,) = json.loads(result.stdout)
+    assert main(["predict", str(trained_run), str(tmp_path / "shirt.png"), "--top", "1", "--json"]) == 0
+    (only,) = json.loads(capsys.readouterr().out)
     assert only["top"][0]["class"] in X.run_classes(trained_run)
 
-    result = cli("export", str(trained_run), "--format", "torchscript", "--out", str(tmp_path / "none" / "m.pt"))
-    assert result.returncode == 2 and "does not exist" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert main(["export", str(trained_run), "--format", "torchscript", "--out", str(tmp_path / "no" / "m.pt")]) == 2
+    error = capsys.readouterr().err
+    assert "does not exist" in error and len(error.strip().splitlines()) == 1
