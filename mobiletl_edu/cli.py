@@ -569,7 +569,7 @@ def main(argv=None) -> int:
         return done.code
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to print a command that continues the work
     import warnings
-    warnings.formatwarning = _one_line_warning
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.run(args)
     except USER_ERRORS as error:
@@ -581,6 +581,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"mobiletl-edu {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous  # main() called from Python leaves the caller's as it was
 
 
 if __name__ == "__main__":
