@@ -68,12 +68,14 @@ def test_top_level_help_lists_every_subcommand():
 
 
 def test_lazy_package_exports_still_import():
-    code = ("from mobiletl_edu import METHODS, MODEL_NAMES, build_model, prepare, profile, profile_model, summary;"
-            "import mobiletl_edu; assert set(mobiletl_edu.__all__) <= set(dir(mobiletl_edu));"
-            "print(prepare.__module__, profile_model.__module__)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["mobiletl_edu.methods", "mobiletl_edu.profiler"]
+    """(That importing the package loads no torch is checked in a fresh process above.)"""
+    import mobiletl_edu
+    from mobiletl_edu import METHODS, load_trained, plain_model, prepare, profile_model  # noqa: F401
+    assert set(mobiletl_edu.__all__) <= set(dir(mobiletl_edu))
+    assert (prepare.__module__, profile_model.__module__, plain_model.__module__) == (
+        "mobiletl_edu.methods", "mobiletl_edu.profiler", "mobiletl_edu.export")
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        mobiletl_edu.nope  # noqa: B018
 
 
 @pytest.mark.parametrize("args, bad, valid", [
@@ -145,35 +147,29 @@ CONTRACT_DRIVER = textwrap.dedent("""
 
 
 def test_every_user_error_is_one_line_exit_2_and_writes_nothing(tmp_path):
-    folders = [tmp_path / f"case{i}" for i in range(len(CONTRACT))]
+    import torch
+    contract = CONTRACT + ([] if torch.cuda.is_available() else  # --device cuda on a machine without one
+                           [(["train", "--device", "cuda"], ["'cuda'", "no CUDA GPU", "valid choices here: cpu"])])
+    folders = [tmp_path / f"case{i}" for i in range(len(contract))]
     for folder in folders:
         folder.mkdir()
-    cases = [[str(folder), args] for folder, (args, _) in zip(folders, CONTRACT)]
+    cases = [[str(folder), args] for folder, (args, _) in zip(folders, contract)]
     child = subprocess.run([sys.executable, "-c", CONTRACT_DRIVER, json.dumps(cases)], capture_output=True,
                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert child.returncode == 0, child.stderr
-    for folder, (args, expected), (code, error) in zip(folders, CONTRACT, json.loads(child.stdout)):
+    for folder, (args, expected), (code, error) in zip(folders, contract, json.loads(child.stdout)):
         lines = [line for line in error.splitlines() if line.strip()]
         assert code == 2 and len(lines) == 1, (args, code, error)
         assert all(part in lines[0] for part in expected), (args, lines[0])
         assert _tree(folder) == [], (args, _tree(folder))  # nothing written, no folder left
 
 
-@pytest.mark.parametrize("args, expected", [CONTRACT[2], CONTRACT[5]], ids=["device", "download"])
-def test_the_console_command_exits_2_with_one_line(tmp_path, args, expected):
+def test_the_console_command_exits_2_with_one_line(tmp_path):
     """The same contract seen from outside: the process's exit status and its whole stderr."""
+    args, expected = CONTRACT[5]  # --download without a network
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_HOME": str(tmp_path / "torch-home")}
     result = subprocess.run([sys.executable, "-m", "mobiletl_edu.cli", *args], capture_output=True, text=True,
                             cwd=tmp_path, env={**env, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert all(part in result.stderr for part in expected)
     assert _tree(tmp_path) == []
-
-
-def test_cuda_on_a_machine_without_one_is_refused():
-    import torch
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    result = run_cli("train", "--device", "cuda")
-    assert result.returncode == 2
-    assert "no CUDA GPU" in result.stderr and "valid choices here: cpu" in result.stderr
