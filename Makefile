@@ -3,6 +3,7 @@
 #   make book   - set everything up, build the book strictly, say where it is
 #   make test   - set everything up, run the whole pytest suite (book included)
 #   make setup  - only the set-up step (idempotent, fast when nothing changed)
+#   make assignments - the graded assignments, student and autograder versions, in _build/assignments
 #   make clean  - remove build outputs and caches (keeps .venv)
 #   make distclean - clean, then also remove .venv and the offline assets
 
@@ -41,12 +42,13 @@ CHROMEDRIVER := /usr/bin/chromedriver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 
-.PHONY: help setup python-env mathjax browser book test clean distclean
+.PHONY: help setup python-env mathjax browser book test assignments clean distclean
 
 help:
 	@echo "make book   build the book strictly and open it (_build/html/index.html)"
 	@echo "make test   run every test, the strict book build and browser check included"
 	@echo "make setup  create .venv, install the package, MathJax and Chromium (idempotent)"
+	@echo "make assignments  build the graded assignments (otter-grader) into _build/assignments"
 	@echo "make clean  remove build outputs and caches; make distclean also removes .venv"
 
 setup: python-env mathjax browser
@@ -116,6 +118,11 @@ book: setup
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# Each assignments/NAME.md becomes _build/assignments/NAME/student (to hand out) and
+# NAME/autograder (solutions + the zip that `otter run` or Gradescope grades with).
+assignments: python-env
+	$(PY) assignments/build.py --out _build/assignments
 
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache .hypothesis
