@@ -110,8 +110,8 @@ def convert_directive(name: str, arg: str, body: str, ctx: Context) -> str:
     if name == "literalinclude":
         return ctx.include(arg, options)
     if name.startswith("glue"):
-        caption = f": {content}" if content and name == "glue:figure" else ""
-        return f"*(The output of `glue(\"{arg.strip()}\", ...)` in the code above{caption}.)*"
+        caption = f" {convert_markdown_text(content, ctx)}" if content and name == "glue:figure" else ""
+        return f"*(`{arg.strip()}` is shown under the code cell above that computes it.{caption})*"
     if name == "bibliography":
         return ""
     inner = convert_markdown_text(content, ctx)
