@@ -48,7 +48,7 @@ def notebook_pages() -> list[Path]:
 PAGES = notebook_pages()
 IDS = [p.stem for p in PAGES]
 CITATIONS = notebooks.bib_citations(REPO / "book" / "references.bib")
-CHECKABLE = {label: e.expects for label, e in exercises.EXERCISES.items()}
+CHECKABLE = {label: (e.expects, e.symbols) for label, e in exercises.EXERCISES.items()}
 
 
 def make(page: Path, edition: str):

@@ -217,7 +217,7 @@ def _shared(app) -> dict:
         app._classroom = {
             "titles": titles,
             "citations": {k: v for b in bib if b.is_file() for k, v in notebooks.bib_citations(b).items()},
-            "checkable": {label: e.expects for label, e in exercises.EXERCISES.items()},
+            "checkable": {label: (e.expects, e.symbols) for label, e in exercises.EXERCISES.items()},
             "package": f"mobiletl-edu @ git+{repo}@{branch}" if repo else "mobiletl-edu",
             "raw": f"https://raw.githubusercontent.com/{github[0]}/{github[1]}/{branch}/" if github else None,
         }

@@ -172,9 +172,15 @@ def install_cell(source: str, data_files: list[str], raw_url: str | None) -> str
     return "\n".join(lines)
 
 
-def check_cell(label: str, expects: str) -> str:
-    return (f"# Check your answer: {expects}\nfrom mobiletl_edu.exercises import check\n\n"
-            f"answer = ...\ncheck({label!r}, answer)")
+def check_cell(label: str, expects: str, symbols: tuple = ()) -> str:
+    """The cell under a checkable exercise: what to hand in, and the ``check`` call."""
+    lines = [f"# Check your answer: {expects}"]
+    if symbols:
+        lines += ["from mobiletl_edu.exercises import check, symbols", "",
+                  f"S = symbols({label!r})  # " + ", ".join(f"S.{name}" for name in symbols)]
+    else:
+        lines += ["from mobiletl_edu.exercises import check", ""]
+    return "\n".join(lines + ["answer = ...", f"check({label!r}, answer)"])
 
 
 def _glue_keys_shown(notebook, keys: set[str]) -> None:
@@ -197,7 +203,8 @@ def _glue_keys_shown(notebook, keys: set[str]) -> None:
 def chapter_notebook(page: Path, edition: str = "book", *, repo_root: Path, titles: dict | None = None,
                      citations: dict | None = None, checkable: dict | None = None, package: str = "mobiletl-edu",
                      raw_url: str | None = None):
-    """The notebook of one MyST page (see the module docstring); ``checkable``: label -> what ``check`` expects."""
+    """The notebook of one MyST page (see the module docstring); ``checkable``: label -> (what
+    ``check`` expects, the names of its sympy symbols)."""
     if edition not in EDITIONS:
         raise ValueError(f"unknown edition {edition!r}; valid choices: {', '.join(EDITIONS)}")
     page = Path(page).resolve()
@@ -243,7 +250,7 @@ def chapter_notebook(page: Path, edition: str = "book", *, repo_root: Path, titl
                     flush()
                     cells.append(nbformat.v4.new_code_cell("# Your work here"))
                     if exercise in (checkable or {}):
-                        cells.append(nbformat.v4.new_code_cell(check_cell(exercise, checkable[exercise])))
+                        cells.append(nbformat.v4.new_code_cell(check_cell(exercise, *checkable[exercise])))
                 exercise = None
             elif marker == "solution-start":
                 if edition == "student":
