@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import re
+import textwrap
 from pathlib import Path
 
 import jupytext
@@ -174,7 +175,7 @@ def install_cell(source: str, data_files: list[str], raw_url: str | None) -> str
 
 def check_cell(label: str, expects: str, symbols: tuple = ()) -> str:
     """The cell under a checkable exercise: what to hand in, and the ``check`` call."""
-    lines = [f"# Check your answer: {expects}"]
+    lines = textwrap.wrap(f"Check your answer: {expects}", 86, initial_indent="# ", subsequent_indent="# ")
     if symbols:
         lines += ["from mobiletl_edu.exercises import check, symbols", "",
                   f"S = symbols({label!r})  # " + ", ".join(f"S.{name}" for name in symbols)]
