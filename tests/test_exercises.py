@@ -11,14 +11,12 @@ import dataclasses
 import functools
 import math
 import re
-from collections import Counter
 from pathlib import Path
 
 import pytest
 import sympy as sp
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from mobiletl_edu import exercises as ex
 from mobiletl_edu.measure import saved_activations
