@@ -103,6 +103,7 @@ def main() -> int:
     parser.add_argument("--out", default="runs/experiments/offline-ch7")
     args = parser.parse_args()
     os.chdir(REPO)
+    Path(args.out, "sources").mkdir(parents=True, exist_ok=True)  # the CLI wants existing parents
     started_utc, started = datetime.datetime.now(datetime.timezone.utc), time.perf_counter()
     timings = []
     for what, command in commands(args.out):
