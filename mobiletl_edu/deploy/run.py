@@ -721,6 +721,8 @@ def fit(bundle, args):
     if state is not None:
         restore_optimizer(optimizer, tensors, state["optimizer_steps"])
         scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = lr  # the annealed rate, which the scheduler set before the interruption
         progress = state["progress"]
         print("resuming {} at epoch {}, step {}".format(out, progress["epoch"] + 1, progress["step"]), flush=True)
     if not os.path.isdir(out):
