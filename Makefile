@@ -3,6 +3,7 @@
 #   make book   - set everything up, build the book strictly, say where it is
 #   make test   - set everything up, run the whole pytest suite (book included)
 #   make setup  - only the set-up step (idempotent, fast when nothing changed)
+#   make device-test - build (once) the Pi 4 and Jetson Nano software stacks, run the device tests
 #   make clean  - remove build outputs and caches (keeps .venv)
 #   make distclean - clean, then also remove .venv and the offline assets
 
@@ -41,12 +42,13 @@ CHROMEDRIVER := /usr/bin/chromedriver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
 
-.PHONY: help setup python-env mathjax browser book test clean distclean
+.PHONY: help setup python-env mathjax browser book test device-test clean distclean
 
 help:
 	@echo "make book   build the book strictly and open it (_build/html/index.html)"
 	@echo "make test   run every test, the strict book build and browser check included"
 	@echo "make setup  create .venv, install the package, MathJax and Chromium (idempotent)"
+	@echo "make device-test  the bundle runner and the package on the Pi 4 / Jetson Nano stacks"
 	@echo "make clean  remove build outputs and caches; make distclean also removes .venv"
 
 setup: python-env mathjax browser
@@ -116,6 +118,18 @@ book: setup
 
 test: setup
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The devices' software stacks (mobiletl_edu/deploy/stacks.py, exact locks in deploy/locks/):
+# Python 3.6 + torch 1.10.1, and Debian arm64 sysroots run by qemu-aarch64-static with the
+# Nano's and the Pi 4's cores. They are built once into $${XDG_CACHE_HOME:-~/.cache}/mobiletl-edu
+# (about 2 + 0.8 + 3.7 GB, a few minutes each) and reused while their locks do not change.
+device-test: setup
+	@if ! command -v qemu-aarch64-static >/dev/null || ! { command -v debootstrap || [ -x /usr/sbin/debootstrap ]; } >/dev/null; then \
+	  $(SUDO) apt-get update; \
+	  $(APT_INSTALL) qemu-user-static debootstrap; \
+	fi
+	nice $(PY) -m mobiletl_edu.deploy.stacks build
+	$(PY) -m pytest tests/test_deploy_device.py -m device $(PYTEST_ARGS)
 
 clean:
 	rm -rf _build .jupyter_cache .pytest_cache .hypothesis

@@ -849,29 +849,40 @@ def summarize(times):
             "std_s": math.sqrt(sum((t - mean) ** 2 for t in ordered) / max(n - 1, 1))}
 
 
+def time_steps(setups, steps, warmup, device):
+    """Seconds of each training step of each setup ``(name, network, optimizer, criterion, inputs,
+    targets)``, the setups taking turns step by step so that the machine's noise hits them alike;
+    the first ``warmup`` rounds are not timed. CUDA is synchronized around every step."""
+    times = dict((setup[0], []) for setup in setups)
+    for step in range(warmup + steps):
+        for name, network, optimizer, criterion, inputs, targets in setups:
+            _sync(device)
+            started = time.perf_counter()
+            train_step(network, optimizer, criterion, inputs, targets)
+            _sync(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def compare(times):
+    """Mean, median and spread per setup, and the first setup's mean over each setup's mean."""
+    results = dict((name, summarize(t)) for name, t in times.items())
+    first = next(iter(results.values()))["mean_s"]
+    for result in results.values():
+        result["ratio_to_first"] = first / result["mean_s"]
+    return results
+
+
 def bench(bundles, steps, warmup, batch, device, size=None):
-    """Interleaved training steps on random data (batch x 3 x size x size, the bundle's classes):
-    every bundle takes one step in turn, so that the machine's noise hits them alike."""
+    """The Table 6 protocol on random data (batch x 3 x size x size, the bundles' classes)."""
     generator = torch.Generator().manual_seed(0)
     setups = []
     for b in bundles:
         b.network.train()
-        criterion = nn.CrossEntropyLoss()
-        setups.append((b, make_optimizer(b.network, 1e-6), criterion, b.random_batch(batch, generator, size)))
-    times = dict((b.name, []) for b in bundles)
-    for step in range(warmup + steps):
-        for b, optimizer, criterion, (inputs, targets) in setups:
-            _sync(device)
-            started = time.perf_counter()
-            train_step(b.network, optimizer, criterion, inputs, targets)
-            _sync(device)
-            if step >= warmup:
-                times[b.name].append(time.perf_counter() - started)
-    results = dict((name, summarize(t)) for name, t in times.items())
-    first = bundles[0].name
-    for name in results:
-        results[name]["ratio_to_first"] = results[first]["mean_s"] / results[name]["mean_s"]
-    return results
+        inputs, targets = b.random_batch(batch, generator, size)
+        setups.append((b.name, b.network, make_optimizer(b.network, 1e-6), nn.CrossEntropyLoss(), inputs, targets))
+    return compare(time_steps(setups, steps, warmup, device))
 
 
 def _best_time(function, repeats):
@@ -1002,6 +1013,7 @@ def main(argv=None):
         bundle.network.train()
         optimizer, criterion = make_optimizer(bundle.network, 1e-6), nn.CrossEntropyLoss()
         inputs, targets = bundle.random_batch(2, torch.Generator().manual_seed(0))
+        torch.manual_seed(0)  # dropout
         started = time.perf_counter()
         loss, _ = train_step(bundle.network, optimizer, criterion, inputs, targets)
         print("bundle {} verified: {} {} ({} trainable tensors), one step on random data: loss {:.4f}, "
