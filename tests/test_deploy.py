@@ -361,3 +361,39 @@ def test_the_api_check_catches_newer_torch():
     found = "\n".join(apicheck.violations(source))
     for newer in ("untyped_storage", "weights_only", "scaled_dot_product_attention", "torch.compile"):
         assert newer in found
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line: deploy, bench, import-bundle
+
+
+def cli(*argv):
+    return subprocess.run([sys.executable, "-m", "mobiletl_edu.cli", *map(str, argv)], capture_output=True,
+                          text=True)
+
+
+def test_cli_deploy_refuses_over_budget_then_writes_and_imports(tmp_path):
+    common = ["deploy", "--device", "pi4", "--classes", "2", "--weights", "none", "--resolution", "32",
+              "--out", tmp_path / "b", "--threads", "1"]
+    done = cli(*common, "--budget-mb", "1")
+    assert done.returncode == 2 and "budget is 1 MiB" in done.stderr and done.stderr.count("\n") == 1
+    assert not (tmp_path / "b").exists()
+    done = cli(*common)
+    assert done.returncode == 0, done.stderr
+    assert "training peak (analytic)" in done.stdout and (tmp_path / "b" / "run.py").is_file()
+    done = cli("import-bundle", tmp_path / "b", "--out", tmp_path / "run")
+    assert done.returncode == 0, done.stderr
+    model, config = load_trained(tmp_path / "run")
+    assert config.method == "mobiletl" and config.blocks == 3
+
+
+def test_cli_bench_reports_every_method_and_predictions():
+    done = cli("bench", "--methods", "ft-all,mobiletl", "--steps", "2", "--warmup", "1", "--resolution", "32",
+               "--threads", "1", "--predict", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert list(report["results"]) == ["ft-all", "mobiletl-3"]
+    assert report["results"]["ft-all"]["steps"] == 2 and report["results"]["ft-all"]["ratio_to_first"] == 1
+    assert set(report["predicted_s"]["mobiletl-3"]) == {"pi4", "nano"}
+    done = cli("bench", "--methods", "ft-all,nope")
+    assert done.returncode == 2 and "unknown method 'nope'" in done.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -118,16 +119,24 @@ def test_runner_trains_resumes_and_refuses_tampering_on_the_nano_stack(stack, de
 # The Raspberry Pi 4 stack: the package itself
 
 
-def test_torch_survives_the_cortex_a72():
-    """Import, a conv forward and backward, and a quantized op: the SIGILL releases die here."""
-    probe = ("import torch, torch.nn.functional as F\n"
+A72_PROBE = ("import torch, torch.nn.functional as F\n"
              "x = torch.randn(2, 3, 16, 16, requires_grad=True)\n"
              "F.conv2d(x, torch.randn(4, 3, 3, 3)).sum().backward()\n"
              "q = torch.quantize_per_tensor(torch.randn(4), 0.1, 0, torch.qint8)\n"
              "print('ok', torch.__version__, x.grad.shape, q.int_repr().dtype)\n")
-    done = on_stack("pi4-arm64", ["-c", probe])
+
+
+def test_torch_survives_the_cortex_a72():
+    """Import, a conv forward and backward, and a quantized op: the SIGILL releases die here."""
+    done = on_stack("pi4-arm64", ["-c", A72_PROBE])
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("ok 2.14.1")
+
+
+def test_the_emulated_a72_catches_a_sigill_release():
+    """torch 2.10.0 dies with an illegal instruction on a real Pi 4 (pytorch#176993): so here."""
+    done = on_stack("pi4-torch2.10", ["-c", A72_PROBE])
+    assert done.returncode == -signal.SIGILL, (done.returncode, done.stdout, done.stderr[-500:])
 
 
 @pytest.fixture(scope="module")

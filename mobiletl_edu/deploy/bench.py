@@ -13,11 +13,10 @@ import platform
 import torch
 from torch import nn
 
-from ..methods import BLOCK_METHODS, METHODS, prepare
+from ..choices import BLOCK_METHODS, METHODS, TABLE6_METHODS
+from ..methods import prepare
 from ..models import check_positive
 from . import run as runner
-
-TABLE6_METHODS = ("ft-all", "ft-bn", "ft-bias", "mobiletl")
 
 
 def method_label(method: str, blocks: int | None) -> str:

@@ -28,6 +28,7 @@ from torchvision.models import mobilenetv2, mobilenetv3, resnet
 from torchvision.ops.misc import SqueezeExcitation
 
 from .. import __version__
+from ..choices import FOLDER_DATASET, WEIGHT_NAMES
 from ..data import IMAGENET_MEAN, IMAGENET_STD
 from ..methods import LiteResidual, _contiguous_output, prepare
 from ..models import check_positive, find_units
@@ -145,7 +146,7 @@ def write_bundle(out, *, model: str = "mobilenet_v3_small", method: str = "mobil
     ``force``; refuses (FileExistsError) an ``out`` that exists and is not empty. Nothing is
     left behind on failure: the bundle is written beside ``out`` and renamed into place.
     """
-    from ..train import WEIGHT_NAMES, file_sha256, load_weights, weights_file
+    from ..train import file_sha256, load_weights, weights_file
 
     profile = get_device(device)
     check_positive(classes=classes, batch=batch, resolution=resolution, epochs=epochs)
@@ -275,7 +276,7 @@ def import_bundle(folder, out=None, checkpoint=None) -> Path:
     network, manifest, trained = bundle_model(folder, checkpoint)
     recipe = (trained or {}).get("recipe") or dict(manifest["train"], seed=0)
     config = TrainConfig(model=manifest["model"], method=manifest["method"], blocks=manifest["blocks"],
-                         dataset=manifest.get("dataset") or "device", weights="none", epochs=recipe["epochs"],
+                         dataset=FOLDER_DATASET, weights="none", epochs=recipe["epochs"],
                          seed=recipe.get("seed", 0), batch_size=recipe["batch"], lr=recipe["lr"],
                          label_smoothing=recipe["label_smoothing"], resolution=manifest["input"]["size"])
     progress = (trained or {}).get("progress") or {}

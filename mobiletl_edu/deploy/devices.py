@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from ..choices import DEVICE_NAMES, check_choice
 from ..models import check_positive
 
 GB = 1024**3
@@ -21,6 +22,7 @@ class DeviceProfile(NamedTuple):
     title: str
     cores: str
     accelerator: str | None
+    processor: str  # what runs a training step: "cpu" or "gpu" (the latency model's TIED)
     memory_gb: tuple  # the variants sold
     default_memory_gb: int
     os_reserve_bytes: int  # left to the operating system and its services (our assumption)
@@ -48,6 +50,7 @@ PI4 = DeviceProfile(
     title="Raspberry Pi 4 Model B",
     cores="4x Arm Cortex-A72 at 1.5 GHz (no LSE atomics, no SVE)",
     accelerator=None,
+    processor="cpu",
     memory_gb=(2, 4, 8),
     default_memory_gb=4,  # Table 6's Pi
     os_reserve_bytes=512 * MB,  # Raspberry Pi OS Lite 64-bit, headless (our assumption)
@@ -85,6 +88,7 @@ NANO = DeviceProfile(
     title="NVIDIA Jetson Nano",
     cores="4x Arm Cortex-A57 at 1.43 GHz + 128-core Maxwell GPU at 921.6 MHz",
     accelerator="128-core Maxwell GPU (CUDA 10.2), memory shared with the CPU",
+    processor="gpu",  # Table 6's Nano row names the GPU
     memory_gb=(2, 4),
     default_memory_gb=4,  # Table 6's Nano
     os_reserve_bytes=1536 * MB,  # JetPack 4.6's Ubuntu desktop and CUDA context (our assumption)
@@ -119,6 +123,7 @@ HOST = DeviceProfile(
     title="this machine",
     cores="the host's CPU cores",
     accelerator=None,
+    processor="cpu",
     memory_gb=(16, 24, 32, 64),
     default_memory_gb=24,
     os_reserve_bytes=2 * GB,
@@ -134,12 +139,11 @@ HOST = DeviceProfile(
 )
 
 DEVICES = {d.name: d for d in (PI4, NANO, HOST)}
-DEVICE_NAMES = tuple(DEVICES)
+assert tuple(DEVICES) == DEVICE_NAMES, "mobiletl_edu.choices.DEVICE_NAMES lists the profiles"
 
 
 def get_device(name: str) -> DeviceProfile:
-    if name not in DEVICES:
-        raise ValueError(f"unknown device {name!r}; valid choices: {', '.join(DEVICE_NAMES)}")
+    check_choice("device", name, DEVICE_NAMES)
     return DEVICES[name]
 
 

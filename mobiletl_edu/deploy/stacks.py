@@ -6,6 +6,8 @@
   the Nano's core (Cortex-A57): its instruction set and an aarch64 torch 1.10 build.
 * ``pi4-arm64``: Debian bookworm arm64 (Raspberry Pi OS's base, Python 3.11) with torch 2.14.1
   and the package's own dependencies, under qemu with the Pi 4's core (Cortex-A72).
+* ``pi4-torch2.10``: the same with torch 2.10.0, which dies with SIGILL on the A72: the
+  emulation must catch it, as a real Pi 4 does.
 
 No stack has more than it needs: torch and Pillow for the Nano runner (no numpy, no
 torchvision), the package's locked dependencies for the Pi. Every package is pinned exactly in
@@ -51,6 +53,9 @@ STACKS = {
     "pi4-arm64": Stack("pi4-arm64", "pi4", "Debian bookworm arm64, Python 3.11 + torch 2.14.1 and the "
                        "package's dependencies, qemu Cortex-A72", "bookworm", "/usr/bin/python3.11", "cp311",
                        "cortex-a72"),
+    "pi4-torch2.10": Stack("pi4-torch2.10", "pi4", "Debian bookworm arm64, Python 3.11 + torch 2.10.0 (a SIGILL "
+                           "release on the A72), qemu Cortex-A72", "bookworm", "/usr/bin/python3.11", "cp311",
+                           "cortex-a72"),
 }
 
 
