@@ -194,3 +194,11 @@ def test_stacks_are_outside_the_repository():
     for name in stacks.STACKS:
         where = stacks.location(name).resolve()
         assert REPO not in where.parents and "shared" not in where.parts
+
+
+def test_the_committed_torch_1_10_allow_list_is_what_torch_1_10_1_says():
+    """apicheck's allow-list, dumped again from the Python 3.6 + torch 1.10.1 stack, is unchanged."""
+    done = on_stack("nano-py36", [REPO / "mobiletl_edu" / "deploy" / "torch_api_dump.py"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    committed = json.loads((REPO / "mobiletl_edu" / "deploy" / "torch110_api.json").read_text())
+    assert json.loads(done.stdout) == committed

@@ -290,7 +290,7 @@ def import_bundle(folder, out=None, checkpoint=None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", record)
     atomic_save({"format": RUN_FORMAT, "version": 1, "config": asdict(config), "num_classes": manifest["classes"],
-                 "epoch": progress.get("epoch", 0), "model": network.state_dict(),
+                 "epoch": progress.get("epoch", 0), "model": network.state_dict(), "classes": class_names,
                  "metrics": progress.get("history", []), "imported_from": record["imported_from"]},
                 out / "checkpoint.pt")
     return out

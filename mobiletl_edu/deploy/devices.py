@@ -26,7 +26,7 @@ class DeviceProfile(NamedTuple):
     memory_gb: tuple  # the variants sold
     default_memory_gb: int
     os_reserve_bytes: int  # left to the operating system and its services (our assumption)
-    runtime_bytes: int  # Python + torch + the runner before the first step (measured: see MEASURED)
+    runtime_bytes: int  # Python, torch and the runner, beside the step itself (book/data/table6_ours.json)
     software: str
     runs: str  # "package": install mobiletl-edu there; "bundle": only the bundle's run.py
     torch: str  # the torch to use there
@@ -54,7 +54,7 @@ PI4 = DeviceProfile(
     memory_gb=(2, 4, 8),
     default_memory_gb=4,  # Table 6's Pi
     os_reserve_bytes=512 * MB,  # Raspberry Pi OS Lite 64-bit, headless (our assumption)
-    runtime_bytes=400 * MB,
+    runtime_bytes=768 * MB,  # run.py on torch 2.14.1's CUDA build: 780-920 MB resident at batch 8
     software="Raspberry Pi OS 64-bit (Debian 12 bookworm, arm64), Python 3.11, PyTorch's aarch64 wheels",
     runs="package",
     torch="torch==2.14.1 torchvision==0.29.1 (tested under qemu's Cortex-A72 model)",
@@ -92,7 +92,7 @@ NANO = DeviceProfile(
     memory_gb=(2, 4),
     default_memory_gb=4,  # Table 6's Nano
     os_reserve_bytes=1536 * MB,  # JetPack 4.6's Ubuntu desktop and CUDA context (our assumption)
-    runtime_bytes=400 * MB,
+    runtime_bytes=384 * MB,  # run.py on torch 1.10.1 (Python 3.6): 340-450 MB resident at batch 8
     software="JetPack 4.6.x (Ubuntu 18.04, Python 3.6, CUDA 10.2, cuDNN 8.2.1), NVIDIA's torch 1.10.0 wheel",
     runs="bundle",
     torch="torch 1.10.0 (NVIDIA's cp36 wheel for JetPack 4.6)",

@@ -670,7 +670,8 @@ class Bundle(object):
         return inputs.to(self.device), targets.to(self.device)
 
     def load_trained(self, out):
-        """Overlay the last checkpoint in ``out`` (if any); returns its state record or None."""
+        """Overlay the last checkpoint in ``out``; ``(its state record, its tensors)``, or
+        ``(None, {})`` when there is none."""
         path = os.path.join(out, CHECKPOINT_FILE)
         if not os.path.isfile(path):
             return None, {}
@@ -878,10 +879,11 @@ def bench(bundles, steps, warmup, batch, device, size=None):
     """The Table 6 protocol on random data (batch x 3 x size x size, the bundles' classes)."""
     generator = torch.Generator().manual_seed(0)
     setups = []
-    for b in bundles:
+    for i, b in enumerate(bundles):
         b.network.train()
         inputs, targets = b.random_batch(batch, generator, size)
-        setups.append((b.name, b.network, make_optimizer(b.network, 1e-6), nn.CrossEntropyLoss(), inputs, targets))
+        name = b.name if b.name not in [s[0] for s in setups] else "{} ({})".format(b.name, i + 1)
+        setups.append((name, b.network, make_optimizer(b.network, 1e-6), nn.CrossEntropyLoss(), inputs, targets))
     return compare(time_steps(setups, steps, warmup, device))
 
 

@@ -31,6 +31,10 @@ from typing import NamedTuple
 
 LOCKS = Path(__file__).resolve().parent / "locks"
 PYENV_PYTHON36 = "3.6.15"
+# The sysroot's /sys/devices/system/cpu/{possible,present}: both devices have four cores. Without
+# these files torch's cpuinfo reads the host's and crashes; empty, it fails to initialize and
+# torch 1.10 aborts in the thread pool that its no-grad convolutions use on aarch64.
+CPU_LIST = "0-3"
 # every manylinux tag pip must accept for aarch64 wheels (nvidia-cudnn is _2_27, nccl _2_18)
 MANYLINUX_AARCH64 = [f"manylinux_2_{n}_aarch64" for n in range(36, 16, -1)] + ["manylinux2014_aarch64"]
 
@@ -82,7 +86,7 @@ def _stack(name: str) -> Stack:
 def location(name: str) -> Path:
     """Where the stack lives: keyed on its recipe and its lock, so a change builds a new one."""
     stack = _stack(name)
-    key = hashlib.sha256(json.dumps([stack, pins(name), MANYLINUX_AARCH64]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps([stack, pins(name), MANYLINUX_AARCH64, CPU_LIST]).encode()).hexdigest()[:12]
     return cache_root() / f"{name}-{key}"
 
 
@@ -134,10 +138,10 @@ def _build_sysroot(stack: Stack, where: Path) -> None:
           _debian_mirror()])
     for deb in sorted(glob.glob(str(where / "var/cache/apt/archives/*.deb"))):
         _run(["dpkg", "-x", deb, where], stdout=subprocess.DEVNULL)
-    cpu = where / "sys/devices/system/cpu"  # torch's cpuinfo reads these; the host's copies crash it
+    cpu = where / "sys/devices/system/cpu"
     cpu.mkdir(parents=True, exist_ok=True)
     for name in ("possible", "present"):
-        (cpu / name).write_text("")
+        (cpu / name).write_text(CPU_LIST + "\n")
     platforms = [arg for tag in MANYLINUX_AARCH64 for arg in ("--platform", tag)]
     _run([sys.executable, "-m", "pip", "install", "--no-deps", "--target", where / "opt/site", *platforms,
           "--python-version", stack.python_tag[2:3] + "." + stack.python_tag[3:], "--implementation", "cp",
