@@ -122,7 +122,7 @@ test: setup
 # The devices' software stacks (mobiletl_edu/deploy/stacks.py, exact locks in deploy/locks/):
 # Python 3.6 + torch 1.10.1, and Debian arm64 sysroots run by qemu-aarch64-static with the
 # Nano's and the Pi 4's cores. They are built once into $${XDG_CACHE_HOME:-~/.cache}/mobiletl-edu
-# (about 2 + 0.8 + 3.7 GB, a few minutes each) and reused while their locks do not change.
+# (1.9 + 0.5 + 5.0 + 1.0 GB, 1.5 to 6 minutes each) and reused while their locks do not change.
 device-test: setup
 	@if ! command -v qemu-aarch64-static >/dev/null || ! { command -v debootstrap || [ -x /usr/sbin/debootstrap ]; } >/dev/null; then \
 	  $(SUDO) apt-get update; \

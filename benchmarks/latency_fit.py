@@ -127,7 +127,7 @@ def main():
         devices[device] = {"processor": profile.processor, "slowdown": slowdown._asdict(),
                            "per_op_s": constants.per_op, "fit_cells": list(FIT_CELLS), "methods": rows,
                            "every_pair": pairs,
-                           "other_tie": {"tied": latency.TIED[other],
+                           "other_tie": {"tied": latency.TIED[other], "per_op_s": other_constants.per_op,
                                          "errors": {m: latency.predict(phases[("plain", m)], other_constants)
                                                     / reported[m] - 1 for m in TABLE6_SETUPS}}}
         print(device, f"slowdown {slowdown}, per-op {constants.per_op * 1e6:.1f} us:",

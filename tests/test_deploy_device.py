@@ -145,8 +145,14 @@ def pi_site(tmp_path_factory) -> Path:
     if not stacks.is_built("pi4-arm64"):
         pytest.skip("stack pi4-arm64 is not built (make device-test builds it)")
     work = tmp_path_factory.mktemp("pi-package")
+    source = work / "source"  # a copy: building in place would leave build/ in the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "mobiletl_edu", source / "mobiletl_edu",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    work / "dist", REPO], check=True)
+                    work / "dist", source], check=True)
     wheel = next((work / "dist").glob("mobiletl_edu-*.whl"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", work / "site",
                     "--platform", "manylinux2014_aarch64", "--python-version", "3.11", "--implementation", "cp",

@@ -127,6 +127,25 @@ def describe_network(model: nn.Module) -> dict:
             "children": _children(model)}
 
 
+_OUTLINE_DEFAULTS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def outline(spec: dict, name: str = "", depth: int = 0) -> str:
+    """A network description (or part of one) as an indented list, one module a line,
+    leaving out settings at their defaults."""
+    details = {}
+    for key, value in spec.items():
+        if isinstance(value, list) and value and not isinstance(value[0], list) and len(set(value)) == 1:
+            value = value[0]  # [3, 3] -> 3
+        if key not in ("type", "children") and value not in (None, False, _OUTLINE_DEFAULTS.get(key, ())):
+            details[key] = value
+    text = ", ".join(f"{k}={v}" for k, v in details.items())
+    lines = [f"{'  ' * depth}{name or '(root)'}: {spec['type']}" + (f" ({text})" if text else "")]
+    for child, child_spec in spec.get("children", []):
+        lines.append(outline(child_spec, child, depth + 1))
+    return "\n".join(lines)
+
+
 def split_state(model: nn.Module) -> tuple[dict, dict]:
     """(frozen, trainable): the model's state dict split by whether a tensor trains."""
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -256,6 +256,7 @@ def _arithmetic(p: Phase, c: Constants) -> float:
 
 
 def phase_seconds(p: Phase, c: Constants) -> float:
+    """One layer phase: its arithmetic, its memory traffic, its operations."""
     return _arithmetic(p, c) + p.bytes * c.per_byte + p.ops * c.per_op
 
 
@@ -308,17 +309,19 @@ def _terms(phases, host: Constants) -> dict:
 
 
 def fit_device(host: Constants, cells: dict, processor: str) -> Slowdown:
-    """A device's slowdown from measured whole steps ``{label: (phases, seconds)}``, two
-    numbers: one for the two terms that ``TIED[processor]`` says share a cause, one for the
-    third (non-negative least squares in relative error)."""
+    """A device's slowdown from whole steps ``{label: (phases, seconds)}`` measured
+    there: one number for the two terms that share a cause (``TIED``), one for the
+    third, by non-negative least squares in relative error."""
     tied = TIED[processor]
-    free = next(t for t in ("arithmetic", "memory", "overhead") if t not in tied)
+    free = next(t for t in Slowdown._fields if t not in tied)
     rows = []
     for phases, seconds in cells.values():
         terms = _terms(phases, host)
-        rows.append([(terms[tied[0]] + terms[tied[1]]) / seconds, terms[free] / seconds])
+        both = terms[tied[0]] + terms[tied[1]]
+        rows.append([both / seconds, terms[free] / seconds])
     (together, alone), _ = nnls(np.array(rows), np.ones(len(rows)))
-    return Slowdown(**{tied[0]: float(together), tied[1]: float(together), free: float(alone)})
+    return Slowdown(**{tied[0]: float(together), tied[1]: float(together),
+                       free: float(alone)})
 
 
 def relative_errors(phases, c: Constants) -> list[float]:

@@ -203,7 +203,7 @@ ACTIVATIONS = {"hardswish": F.hardswish, "relu6": F.relu6, "relu": F.relu, "hard
 
 
 class SignApproximated(torch.autograd.Function):
-    """Exact forward; backward ``grad * 1[x >= 0]`` from a 1-bit packed mask (Table 2, ours)."""
+    """Exact forward; backward ``grad * 1[x >= 0]`` from a 1-bit mask."""
 
     @staticmethod
     def forward(ctx, x, kind):
@@ -215,7 +215,9 @@ class SignApproximated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         packed, = ctx.saved_tensors
-        return grad_out * unpack_bits(packed, grad_out.numel()).view(ctx.shape), None
+        # 0/1 bytes: the product promotes them to the gradient's dtype
+        mask = unpack_bits(packed, grad_out.numel()).view(ctx.shape)
+        return grad_out * mask, None
 
 
 class Activation(nn.Module):
@@ -562,9 +564,11 @@ def image_folder(root, class_names=None):
     found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
     if not found:
         raise BundleError("image folder {} has no class sub-folders (one per class, holding its images)".format(root))
-    if class_names is not None and found != list(class_names):
-        raise BundleError("image folder {} has classes {}; the bundle was made for {}".format(
-            root, found, list(class_names)))
+    if class_names is not None:  # the bundle's order numbers the classes
+        if sorted(class_names) != found:
+            raise BundleError("image folder {} has classes {}; the bundle was made for {}".format(
+                root, found, list(class_names)))
+        found = list(class_names)
     samples = []
     for label, name in enumerate(found):
         folder = os.path.join(root, name)
