@@ -169,6 +169,19 @@ def _batch_norm(c, cv):
                 backward_weight=(2 * n if c.trains("weight") else 0) + (n if c.trains("bias") else 0))
 
 
+def _group_norm(c, cv):
+    """GroupNorm (TinyTL's patches): per-sample statistics, so it always normalizes like a training BN."""
+    n, m = c.x.numel(), c.module
+    in_graph = c.x_grad or c.trains("weight") or c.trains("bias")
+    if cv.storage == "pytorch":
+        stored = [_full(c.x, "input"), (object(), 2 * c.x.shape[0] * m.num_groups * 4, "group statistics")] \
+            if in_graph else []
+    else:
+        stored = [_full(c.x, "input")] if c.trains("weight") else []
+    return Cost(stored, forward=8 * n, backward_input=8 * n if c.input_gradient(cv) else 0,
+                backward_weight=(2 * n if c.trains("weight") else 0) + (n if c.trains("bias") else 0))
+
+
 def _shift_only_bn(c, cv):
     n, keeps = c.x.numel(), c.x_grad and cv.storage == "pytorch"
     stored = [(object(), c.module.num_features * c.x.element_size(), "per-channel scale")] if keeps else []
@@ -278,6 +291,9 @@ RULES = (
     Rule("BatchNorm2d (after prepare: scale trains)", (nn.BatchNorm2d,), "input + batch mean and 1/std",
          "input, if the scale trains", "4 per element, +4 for batch statistics",
          "input: 8 per element; scale: 2, shift: 1", _batch_norm, True),
+    Rule("GroupNorm (TinyTL patches)", (nn.GroupNorm,), "input + group mean and 1/std",
+         "input, if the scale trains", "8 per element", "input: 8 per element; scale: 2, shift: 1",
+         _group_norm, True),
     Rule("ShiftOnlyBatchNorm2d (shift trains, or frozen)", (ShiftOnlyBatchNorm2d,), "per-channel scale (C floats)",
          "nothing", "4 per element", "input: 1 per element; shift: 1", _shift_only_bn, True),
     Rule("ReLU / ReLU6, exact", (nn.ReLU, nn.ReLU6), "ReLU: output; ReLU6: input (in place: a copy)",
@@ -620,7 +636,7 @@ def profile_model(model: str | nn.Module, method: str, blocks: int | None = None
     """
     check_positive(batch=batch, resolution=resolution, classes=classes)
     prepared = prepare(model, method, blocks, num_classes=classes, frozen_precision=frozen_precision,
-                       optimize_bottom=optimize_bottom)
+                       optimize_bottom=optimize_bottom, resolution=resolution)
     return profile(prepared.model, (batch, 3, resolution, resolution), convention=convention)
 
 
