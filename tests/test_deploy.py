@@ -77,7 +77,7 @@ CASES = [("mobilenet_v3_small", "mobiletl", 3), ("mobilenet_v3_small", "ft-all",
 
 @pytest.mark.parametrize("name, method, blocks", CASES)
 def test_runner_step_equals_the_package_step(name, method, blocks):
-    network = prepare(warmed_model(name), method, blocks, num_classes=10).model
+    network = prepare(warmed_model(name), method, blocks, num_classes=10, resolution=64).model
     device_network = rebuilt(network)
     assert list(device_network.state_dict()) == list(network.state_dict())
     assert ([n for n, p in device_network.named_parameters() if p.requires_grad]

@@ -48,7 +48,7 @@ def bench(model: str = "mobilenet_v3_small", methods=TABLE6_METHODS, blocks: int
     setups = []
     for method in methods:
         k = blocks if method in BLOCK_METHODS else None
-        network, optimizer = prepare(model, method, k, num_classes=classes)
+        network, optimizer = prepare(model, method, k, num_classes=classes, resolution=resolution)
         network.to(where)  # moves the parameters' data: the optimizer keeps them
         setups.append((method_label(method, k), network, optimizer, nn.CrossEntropyLoss(), inputs, targets))
     results = runner.compare(runner.time_steps(setups, steps, warmup, where))

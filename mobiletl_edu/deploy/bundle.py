@@ -61,6 +61,9 @@ def describe_module(m: nn.Module) -> dict:
         if not (m.affine and m.track_running_stats):
             raise ValueError(f"cannot bundle {m}: only affine BatchNorms with running statistics")
         return {"type": "batchnorm", "features": m.num_features, "eps": m.eps, "momentum": m.momentum}
+    if isinstance(m, nn.GroupNorm):  # TinyTL's lite residual patches
+        return {"type": "groupnorm", "groups": m.num_groups, "channels": m.num_channels, "eps": m.eps,
+                "affine": m.affine}
     if isinstance(m, nn.Conv2d):
         if m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise ValueError(f"cannot bundle {m}: only zero padding given as numbers")
@@ -188,7 +191,7 @@ def write_bundle(out, *, model: str = "mobilenet_v3_small", method: str = "mobil
 
     torch.manual_seed(seed)  # the new classifier
     network = prepare(load_weights(model, weights, classes, download=download), method, blocks,
-                      num_classes=classes, lr=lr).model
+                      num_classes=classes, lr=lr, resolution=resolution).model
     frozen, trainable = split_state(network)
     source = weights_file(weights)
     manifest = {
@@ -278,7 +281,7 @@ def bundle_model(folder, checkpoint=None) -> tuple[nn.Module, dict, dict | None]
         raise ValueError(f"the checkpoint in {folder} was trained from another bundle")
     state.update({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
     network = prepare(manifest["model"], manifest["method"], manifest["blocks"], num_classes=manifest["classes"],
-                      lr=manifest["train"]["lr"]).model
+                      lr=manifest["train"]["lr"], resolution=manifest["input"]["size"]).model
     from ..train import load_matching_state
     load_matching_state(network, state, f"bundle {folder}")
     return network.eval(), manifest, trained

@@ -159,6 +159,6 @@ def training_peak_bytes(model, method: str, blocks: int | None = None, *, batch:
     from ..profiler import profile
 
     check_positive(batch=batch, resolution=resolution, classes=classes)
-    prepared = prepare(model, method, blocks, num_classes=classes)
+    prepared = prepare(model, method, blocks, num_classes=classes, resolution=resolution)
     p = profile(prepared.model, (batch, 3, resolution, resolution), convention="pytorch")
     return p.peak_bytes + p.gradient_bytes + p.optimizer_state_bytes

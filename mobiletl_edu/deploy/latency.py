@@ -206,7 +206,7 @@ def method_phases(model: str, method: str, blocks: int | None = 3, *, batch: int
     k = blocks if method in BLOCK_METHODS else None
     precision = "float" if paper_like else "int8"
     network = prepare(model, method, k, num_classes=classes, frozen_precision=precision,
-                      optimize_bottom=not paper_like).model
+                      optimize_bottom=not paper_like, resolution=resolution).model
     return step_phases(network, (batch, 3, resolution, resolution), measure=measure, repeats=repeats)
 
 

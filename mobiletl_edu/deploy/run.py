@@ -442,6 +442,8 @@ def build_module(spec):
         return FrozenLayer(spec)
     if kind == "batchnorm":
         return nn.BatchNorm2d(spec["features"], eps=spec["eps"], momentum=spec["momentum"])
+    if kind == "groupnorm":
+        return nn.GroupNorm(spec["groups"], spec["channels"], spec["eps"], spec["affine"])
     if kind == "shift_only_bn":
         return ShiftOnlyBatchNorm2d(spec["features"], spec["eps"], spec["train_shift"])
     if kind == "activation":
