@@ -796,7 +796,8 @@ def fit(bundle, args):
     report = memory_report(device)
     if times:
         report["median_step_s"] = sorted(times)[len(times) // 2]
-    print("finished; checkpoint in {}; {}".format(os.path.join(out, CHECKPOINT_FILE), _describe(report)), flush=True)
+    print("finished; checkpoint in {}".format(os.path.join(out, CHECKPOINT_FILE)), flush=True)
+    print(_describe(report), flush=True)
     return 0
 
 
