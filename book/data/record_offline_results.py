@@ -144,6 +144,7 @@ def main() -> int:
                      "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},
         "wall_seconds": round(time.perf_counter() - started),
         "step_seconds": timings,
+        "invocation": " ".join([Path(sys.executable).name, *sys.argv]),
         "threads": 1,
         "niceness": os.nice(0),
         "machine": machine(),
