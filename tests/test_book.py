@@ -8,7 +8,8 @@ see: no failed cells, typeset math, loaded images and working internal links,
 and none of the defects a reader notices at once: raw Markdown (``|---|`` or
 ``$...$`` as text), the same figure twice, content wider than its box without
 its own scrollbar (or clipped), a figure without meaningful alt text, a code
-cell wider than the column, a ``glue`` call in a visible code cell. Each of
+cell wider than the column, an object's default repr (``<... at 0x...>``) in an
+output, a ``glue`` call in a visible code cell. Each of
 those checks is shown to fail on a small page that has the defect
 (``test_defect_checks_catch_each_defect``). A full-page screenshot of every
 page is kept under ``_build/screenshots/`` for a reviewer to look at.
@@ -28,6 +29,7 @@ import functools
 import html.parser
 import importlib.metadata
 import http.server
+import io
 import os
 import re
 import shutil
@@ -471,7 +473,15 @@ function bookDefects() {
     }
   }
 
-  // 6. Bookkeeping left visible: a glue call in a rendered code cell.
+  // 6. A Python object's default repr in an output or a figure ("<matplotlib.legend.Legend
+  // at 0x7f...>", or "<Figure size 640x480 with 1 Axes>" where a plot should be).
+  for (const out of article.querySelectorAll('div.cell_output, figure')) {
+    const repr = (out.textContent || '').match(
+        /<[\w.]+( object)? at 0x[0-9a-f]+>|<Figure size [\d.]+x[\d.]+ with \d+ Axes>/);
+    if (repr) add('raw-object-repr', out, repr[0]);
+  }
+
+  // 7. Bookkeeping left visible: a glue call in a rendered code cell.
   for (const cell of article.querySelectorAll('div.cell_input')) {
     if (/\bglue\s*\(/.test(cell.textContent)) add('visible-glue-call', cell);
   }
@@ -533,7 +543,6 @@ const done = arguments[arguments.length - 1];
       .map(a => ({raw: a.getAttribute('href'), resolved: a.href}));
   report.defects = bookDefects();
   window.scrollTo(0, 0);
-  report.height = document.documentElement.scrollHeight;
   done(report);
 })().catch(e => done({scriptError: String(e)}));
 """
@@ -563,13 +572,27 @@ def _check_links(page_rel: str, links: list[dict], base: str, html_root: Path) -
     return problems
 
 
-def _screenshot(browser, height: int, path: Path) -> None:
-    """The whole page, 1280 px wide, as one PNG (Chrome's DevTools protocol, beyond the viewport)."""
-    shot = browser.execute_cdp_cmd("Page.captureScreenshot", {
-        "format": "png", "captureBeyondViewport": True,
-        "clip": {"x": 0, "y": 0, "width": 1280, "height": max(int(height), 1), "scale": 1}})
+def _screenshot(browser, path: Path) -> None:
+    """The whole page as one PNG, the window's width: the viewport captured screen by screen
+    and stitched. (Chrome's capture beyond the viewport shifts and blanks a long page of this
+    theme.) Sticky bars become ordinary boxes first, so they do not cover each screen's top."""
+    from PIL import Image
+
+    browser.execute_script(
+        "for (const el of document.querySelectorAll('*'))"
+        "  if (getComputedStyle(el).position === 'sticky') el.style.position = 'relative';")
+    height = max(1, browser.execute_script("return document.documentElement.scrollHeight"))
+    page, y = None, 0
+    while y < height:
+        top = browser.execute_script(f"window.scrollTo(0, {y}); return window.scrollY;")
+        shot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png"})
+        screen = Image.open(io.BytesIO(base64.b64decode(shot["data"])))
+        page = page or Image.new("RGB", (screen.width, height), "white")
+        page.paste(screen.crop((0, y - top, screen.width, screen.height)), (0, y))
+        y = top + screen.height
+    browser.execute_script("window.scrollTo(0, 0)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(base64.b64decode(shot["data"]))
+    page.save(path)
 
 
 @pytest.mark.slow
@@ -586,7 +609,7 @@ def test_every_page_renders_in_chromium(built_book: Path, server: str, browser) 
         if "scriptError" in report:
             problems.append(f"{rel}: inspection script failed: {report['scriptError']}")
             continue
-        _screenshot(browser, report["height"], SCREENSHOTS / rel.replace(".html", ".png"))
+        _screenshot(browser, SCREENSHOTS / rel.replace(".html", ".png"))
         for defect in report["defects"]:
             problems.append(f"{rel}: {defect['kind']}: {defect['detail']}")
         if report["mathCount"]:
@@ -643,6 +666,8 @@ _BAD_PAGES = {
     "code-wider-than-column": "<div class='cell_input'><pre style='overflow-x: auto'>"
                               + "long_name = " + "x" * 200 + "</pre></div>",
     "visible-glue-call": "<div class='cell_input'><pre>glue(\"od-batch\", BATCH)</pre></div>",
+    "raw-object-repr": "<div class='cell_output'><pre>&lt;matplotlib.legend.Legend at 0x7f533aece350&gt;"
+                       "</pre></div><figure><pre>&lt;Figure size 495x410 with 2 Axes&gt;</pre></figure>",
 }
 
 
@@ -661,9 +686,10 @@ def test_defect_checks_catch_each_defect(browser, tmp_path: Path) -> None:
     try:
         for name in ("good", *_BAD_PAGES):
             browser.get(f"{base}/{name}.html")
-            found[name] = {d["kind"] for d in browser.execute_script(_DEFECTS_JS + "return bookDefects();")}
+            found[name] = [d["kind"] for d in browser.execute_script(_DEFECTS_JS + "return bookDefects();")]
     finally:
         httpd.shutdown()
         httpd.server_close()
-    assert found.pop("good") == set(), "a check fires on a page without defects"
-    assert found == {name: {name} for name in _BAD_PAGES}, found
+    assert found.pop("good") == [], "a check fires on a page without defects"
+    assert {name: set(kinds) for name, kinds in found.items()} == {name: {name} for name in _BAD_PAGES}, found
+    assert len(found["raw-object-repr"]) == 2  # an object's repr, and a figure's repr instead of a plot
