@@ -163,8 +163,7 @@ def step_memory(spec: dict, device: str = "cpu", *, threads: int | None = 1, war
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but torch.cuda.is_available() is False")
-    if not isinstance(spec, dict) or ("model" in spec) == ("block" in spec):
-        raise ValueError(f"spec must name exactly one of 'model' or 'block', got {spec!r}")
+    _check_spec(spec)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 2:
         raise ValueError(f"warmup must be an integer of at least 2 (a warm step), got {warmup!r}")
     options = {"device": device, "threads": threads or 0, "warmup": warmup, "timeline": timeline}
@@ -179,6 +178,18 @@ def step_memory(spec: dict, device: str = "cpu", *, threads: int | None = 1, war
             raise ValueError(last[len("ValueError: "):])
         raise RuntimeError(f"the measuring process failed ({done.returncode}): {last}")
     return StepMemory(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _check_spec(spec) -> None:
+    """The spec's names, checked here before a process is started for it."""
+    from .methods import METHODS
+    from .models import MODEL_NAMES
+    from .profiler import BLOCK_KINDS
+    if not isinstance(spec, dict) or ("model" in spec) == ("block" in spec):
+        raise ValueError(f"spec must name exactly one of 'model' or 'block', got {spec!r}")
+    for key, choices in (("model", MODEL_NAMES), ("block", BLOCK_KINDS), ("method", METHODS)):
+        if (key in spec or key == "method") and spec.get(key) not in choices:
+            raise ValueError(f"unknown {key} {spec.get(key)!r}; valid choices: {', '.join(choices)}")
 
 
 def measured_report(spec: dict, device: str = "cpu", threads: int | None = 1) -> dict:
@@ -245,20 +256,22 @@ def tensor_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torc
                 "step_end_bytes": torch.cuda.memory_allocated() - before}
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # kineto's start/stop chatter on stderr
     from torch.profiler import ProfilerActivity, profile, record_function
+    def marked_step():  # its locals (output, loss) are freed on return, inside the profile
+        with record_function("phase: forward"):
+            out = model(inputs)
+            loss = F.cross_entropy(out, targets) if targets is not None else out.float().mean()
+        with record_function("phase: backward"):
+            loss.backward()
+        with record_function("phase: optimizer step"):
+            optimizer.step()
+
     marks = _phase_marks(model, record_function)
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            with record_function("phase: forward"):
-                out = model(inputs)
-                loss = F.cross_entropy(out, targets) if targets is not None else out.float().mean()
-            with record_function("phase: backward"):
-                loss.backward()
-            with record_function("phase: optimizer step"):
-                optimizer.step()
+            marked_step()
     finally:
         for h in marks:
             h.remove()
-    del out, loss
     events = prof.profiler.kineto_results.events()
     changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
     spans = {e.name()[len("phase: "):]: (e.start_ns(), e.end_ns()) for e in events if e.name().startswith("phase: ")}
@@ -270,7 +283,7 @@ def tensor_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torc
     result = {"state": state, "step_peak_bytes": peak, "step_end_bytes": live}
     if timeline:
         t0 = spans["forward"][0]
-        bottom_end = [e.start_ns() for e in events if e.name() == "phase: bottom done"]
+        bottom_end = [e.start_ns() for e in events if e.name() == "mark: frozen bottom done"]
         if bottom_end:
             spans["frozen-bottom forward"] = (t0, bottom_end[0])
             spans["trained forward"] = (bottom_end[0], spans.pop("forward")[1])
@@ -293,7 +306,7 @@ def _phase_marks(model: nn.Module, record_function) -> list:
         return []
 
     def mark(module, args, output):
-        with record_function("phase: bottom done"):
+        with record_function("mark: frozen bottom done"):
             pass
     return [model.get_submodule(bottom[-1].path).register_forward_hook(mark)]
 

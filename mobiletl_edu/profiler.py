@@ -1138,8 +1138,8 @@ def largest_batch(model: str, method: str, blocks: int | None, budget_bytes: int
                   threads: int | None = None, limit: int = 4096) -> int:
     """The largest batch whose training peak fits in ``budget_bytes`` of tensors (0: not even one).
 
-    Batches below 16 are profiled one by one; from 16 on, every point of the step's memory is a
-    linear function of the batch, fitted exactly from two profiles (16 and 17 samples).
+    Below 16 samples it bisects (the peak grows with the batch); from 16 on, every point of the
+    step's memory is a linear function of the batch, fitted exactly from two profiles (16 and 17).
     """
     check_positive(budget_bytes=budget_bytes, resolution=resolution, limit=limit)
 
@@ -1150,11 +1150,13 @@ def largest_batch(model: str, method: str, blocks: int | None, budget_bytes: int
     if bottom_chunk is not None and bottom_chunk >= _LINEAR_FROM:
         raise ValueError(f"largest_batch extrapolates from 16 samples up, so bottom_chunk must be below "
                          f"16, got {bottom_chunk}")
-    low = 0
-    for batch in range(1, _LINEAR_FROM):
-        if peak(batch).bytes > budget_bytes:
-            return low
-        low = batch
+    if peak(_LINEAR_FROM - 1).bytes > budget_bytes:  # the peak grows with the batch: bisect below 16
+        low, high = 0, _LINEAR_FROM - 1  # low fits (0: trivially), high does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if peak(middle).bytes <= budget_bytes else (low, middle)
+        return low
+    low = _LINEAR_FROM - 1
     a, b = peak(_LINEAR_FROM).timeline, peak(_LINEAR_FROM + 1).timeline
     if len(a) != len(b):
         raise RuntimeError("the step changed shape between 16 and 17 samples")  # not for a prepared model
