@@ -1141,33 +1141,45 @@ def largest_batch(model: str, method: str, blocks: int | None, budget_bytes: int
     Below 16 samples it bisects (the peak grows with the batch); from 16 on, every point of the
     step's memory is a linear function of the batch, fitted exactly from two profiles (16 and 17).
     """
-    check_positive(budget_bytes=budget_bytes, resolution=resolution, limit=limit)
+    return largest_batches(model, method, blocks, [budget_bytes], resolution=resolution, classes=classes,
+                           frozen_precision=frozen_precision, bottom_chunk=bottom_chunk, threads=threads,
+                           limit=limit)[0]
 
-    def peak(batch, chunk=bottom_chunk):
-        return model_training_peak(model, method, blocks, batch=batch, resolution=resolution, classes=classes,
-                                   frozen_precision=frozen_precision, bottom_chunk=chunk, threads=threads)
 
+def largest_batches(model: str, method: str, blocks: int | None, budgets: list, *, resolution: int = 224,
+                    classes: int = 10, frozen_precision: str = "int8", bottom_chunk: int | None = None,
+                    threads: int | None = None, limit: int = 4096) -> list:
+    """``largest_batch`` for several budgets, sharing the profiles."""
+    check_positive(resolution=resolution, limit=limit, **{f"budget_bytes[{i}]": b for i, b in enumerate(budgets)})
     if bottom_chunk is not None and bottom_chunk >= _LINEAR_FROM:
         raise ValueError(f"largest_batch extrapolates from 16 samples up, so bottom_chunk must be below "
                          f"16, got {bottom_chunk}")
-    if peak(_LINEAR_FROM - 1).bytes > budget_bytes:  # the peak grows with the batch: bisect below 16
-        low, high = 0, _LINEAR_FROM - 1  # low fits (0: trivially), high does not
-        while high - low > 1:
-            middle = (low + high) // 2
-            low, high = (middle, high) if peak(middle).bytes <= budget_bytes else (low, middle)
-        return low
-    low = _LINEAR_FROM - 1
-    a, b = peak(_LINEAR_FROM).timeline, peak(_LINEAR_FROM + 1).timeline
-    if len(a) != len(b):
-        raise RuntimeError("the step changed shape between 16 and 17 samples")  # not for a prepared model
-    best = limit
-    for p, q in zip(a, b):
-        slope = q.bytes - p.bytes
-        if slope > 0:
-            best = min(best, _LINEAR_FROM + math.floor((budget_bytes - p.bytes) / slope))
-        elif p.bytes > budget_bytes:
+    profiled = {}
+
+    def peak(batch):
+        if batch not in profiled:
+            profiled[batch] = model_training_peak(model, method, blocks, batch=batch, resolution=resolution,
+                                                  classes=classes, frozen_precision=frozen_precision,
+                                                  bottom_chunk=bottom_chunk, threads=threads)
+        return profiled[batch]
+
+    def largest(budget):
+        if peak(_LINEAR_FROM - 1).bytes > budget:  # the peak grows with the batch: bisect below 16
+            low, high = 0, _LINEAR_FROM - 1  # low fits (0: trivially), high does not
+            while high - low > 1:
+                middle = (low + high) // 2
+                low, high = (middle, high) if peak(middle).bytes <= budget else (low, middle)
             return low
-    return max(low, min(best, limit)) if best >= _LINEAR_FROM else low
+        best = limit
+        for p, q in zip(peak(_LINEAR_FROM).timeline, peak(_LINEAR_FROM + 1).timeline):
+            slope = q.bytes - p.bytes
+            if slope > 0:
+                best = min(best, _LINEAR_FROM + math.floor((budget - p.bytes) / slope))
+            elif p.bytes > budget:
+                best = _LINEAR_FROM - 1
+        return max(_LINEAR_FROM - 1, min(best, limit))
+
+    return [largest(b) for b in budgets]
 
 
 BLOCK_KINDS = ("conv", "mbv2", "mbv3")
