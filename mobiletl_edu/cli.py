@@ -1,81 +1,127 @@
 """The ``mobiletl-edu`` command line: one subcommand per part of the package.
 
-Each subcommand's flags are declared here, next to each other, so ``--help`` reads as one
-page; the work is done by the package module the subcommand names. A user error (bad value,
-missing file) prints one line to stderr and exits with status 2: no traceback.
+A subcommand is two functions: a parser-builder, registered with ``@subcommand``, that declares
+its flags and names its command function with ``set_defaults(run=...)``; and that command
+function, which imports the package modules it needs when it runs. This module imports no
+torch, so ``--help`` answers at once; the choice lists come from ``mobiletl_edu.choices``.
+
+A user error (a bad value, a missing file, an occupied folder) prints one line to stderr and
+exits with status 2: no traceback, and nothing written.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import sys
-from pathlib import Path
 
 from . import __version__
-from .methods import METHODS, prepare, summary
-from .models import MODEL_NAMES
+from .choices import (BLOCK_KINDS, CONVENTIONS, DATASET_NAMES, DEFAULT_BLOCKS, DEFAULT_DATASET, LAUNCHERS,
+                      METHODS, MODEL_NAMES, OFFLINE_DATASETS, PRECISIONS, WEIGHT_NAMES)
+
+SUBCOMMANDS = []  # parser-builders, in the order --help lists them
 
 
-def _summary_command(args) -> int:
-    from .train import DEFAULT_BLOCKS
-    blocks = _default_blocks(args.method, args.blocks, DEFAULT_BLOCKS)
-    prepared = prepare(args.model, args.method, blocks, num_classes=args.classes,
-                       frozen_precision=args.frozen_precision)
-    print(summary(prepared.model))
-    print("(counts of parameters; an int8 weight counts once per value. prepare folds each frozen BN of the "
-          "frozen bottom into the conv before it, so its scale and shift count once, as that conv's bias.)")
-    return 0
+def subcommand(build):
+    """Register a parser-builder ``build(subparsers)``; it adds one subcommand."""
+    SUBCOMMANDS.append(build)
+    return build
 
 
-def _default_blocks(method: str, blocks, default: int):
-    """Block-wise methods fine-tune ``default`` top blocks when none are given, as ``train`` does."""
-    from .methods import BLOCK_METHODS
-    return default if blocks is None and method in BLOCK_METHODS else blocks
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (the flag, the bad value, the valid choices)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _add_summary_parser(sub) -> None:
-    p = sub.add_parser("summary", help="show what prepare() makes of a model: trainable/frozen per block")
-    p.add_argument("--model", default="mobilenet_v3_small", choices=MODEL_NAMES)
-    p.add_argument("--method", default="mobiletl", choices=METHODS)
-    p.add_argument("--blocks", type=int, default=None, help="top blocks to fine-tune (block-wise methods; default 3)")
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--frozen-precision", default="int8", choices=("int8", "float"))
-    p.set_defaults(run=_summary_command)
+# ---------------------------------------------------------------------------------------------
+# Values: argparse types that refuse a bad value with one line naming it and the valid range
+# ---------------------------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1, 2, ...), got {text!r}")
+    return value
 
 
-# Flags shared by train, pretrain and experiment: TrainConfig fields (None: the default).
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text!r}")
+    return value
+
+
+def _float_in(text: str, low: float, high: float, low_open: bool, high_open: bool, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    inside = (math.isfinite(value) and (value > low if low_open else value >= low)
+              and (value < high if high_open else value <= high))
+    if not inside:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    return _float_in(text, 0, math.inf, True, True, "a finite number > 0")
+
+
+def momentum(text: str) -> float:
+    return _float_in(text, 0, 1, True, False, "a number in (0, 1]")
+
+
+def smoothing(text: str) -> float:
+    return _float_in(text, 0, 1, False, True, "a number in [0, 1)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags several subcommands share
+# ---------------------------------------------------------------------------------------------
+# TrainConfig fields as flags: (type, help); left out, each is None: the dataset's default.
 RUN_FLAGS = {
-    "--weights": (str, "imagenet | source | none | PATH of a state_dict "
-                       "(default: source for offline-target, imagenet otherwise)"),
-    "--epochs": (int, "default 50 (paper), 3 for the offline datasets"),
-    "--seed": (int, "default 0"),
-    "--batch-size": (int, "default 8"),
-    "--lr": (float, "default: the dataset's recipe (mobiletl_edu.data.recipe)"),
-    "--resolution": (int, "default 224, 64 for the offline datasets"),
-    "--bn-momentum": (float, "override the BatchNorm momentum"),
-    "--workers": (int, "data-loader processes (default 0)"),
-    "--limit": (int, "use a fixed subset of this many images per split (smoke tests)"),
+    "--weights": (str, f"{' | '.join(WEIGHT_NAMES)} | PATH of a state_dict | a run folder (default: source "
+                       f"for {DEFAULT_DATASET}, imagenet otherwise)"),
+    "--epochs": (positive_int, "default 50 (paper), 3 for the offline datasets; with --resume, a larger "
+                               "number continues a finished run"),
+    "--seed": (non_negative_int, "default 0"),
+    "--batch-size": (positive_int, "default 8"),
+    "--lr": (positive_float, "default: the dataset's recipe (mobiletl_edu.data.recipe)"),
+    "--resolution": (positive_int, "default 224, 64 for the offline datasets"),
+    "--bn-momentum": (momentum, "override the BatchNorm momentum, in (0, 1]"),
+    "--workers": (non_negative_int, "data-loader processes (default 0)"),
+    "--limit": (positive_int, "use a fixed subset of this many images per split (smoke tests)"),
 }
 
 
-def _add_run_flags(p, *flags, help_text=None) -> None:
+def add_run_flags(p, *flags, help_text=None) -> None:
     for flag in flags:
         kind, default_help = RUN_FLAGS[flag]
         p.add_argument(flag, type=kind, help=help_text or default_help)
 
 
-def _add_where_flags(p) -> None:
+def add_where_flags(p) -> None:
     """Where the data is and what runs it: these never change a run's result."""
     p.add_argument("--download", action="store_true", help="download missing data or ImageNet weights")
     p.add_argument("--data-root", default="data", help="folder holding the datasets (default ./data)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cuda when available)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 for the offline datasets on "
-                                                "the CPU, the run's own count on --resume, else torch's choice)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default cuda when available)")
+    add_threads_flag(p, "torch CPU threads (default: 1 for the offline datasets on the CPU, the run's "
+                        "own count on --resume, else torch's choice)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
 
 
-def _set_threads(threads, offline: bool = False) -> None:
+def add_threads_flag(p, help_text: str = "torch CPU threads") -> None:
+    p.add_argument("--threads", type=positive_int, help=help_text)
+
+
+def set_threads(threads, offline: bool = False) -> None:
     """``--threads``; left out, one thread for CPU runs on the offline datasets: their 64-px, batch-8
     steps are too small for a second thread to pay (on a busy 2-core machine we measured 32 ms a
     step with one thread and 110 to 570 ms with two spinning OpenMP threads)."""
@@ -86,19 +132,60 @@ def _set_threads(threads, offline: bool = False) -> None:
         torch.set_num_threads(threads)
 
 
+def dataset_help(default: str) -> str:
+    return f"one of: {', '.join(DATASET_NAMES)} (default {default})"
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------
+def summary_command(args) -> int:
+    from .methods import prepare, summary
+    prepared = prepare(args.model, args.method, default_blocks(args.method, args.blocks), num_classes=args.classes,
+                       frozen_precision=args.frozen_precision)
+    print(summary(prepared.model))
+    print("(counts of parameters; an int8 weight counts once per value. prepare folds each frozen BN of the "
+          "frozen bottom into the conv before it, so its scale and shift count once, as that conv's bias.)")
+    return 0
+
+
+def default_blocks(method: str, blocks):
+    """Block-wise methods fine-tune DEFAULT_BLOCKS top blocks when none are given, as ``train`` does."""
+    from .choices import BLOCK_METHODS
+    return DEFAULT_BLOCKS if blocks is None and method in BLOCK_METHODS else blocks
+
+
+@subcommand
+def summary_parser(sub) -> None:
+    p = sub.add_parser("summary", help="show what prepare() makes of a model: trainable/frozen per block")
+    p.add_argument("--model", default="mobilenet_v3_small", choices=MODEL_NAMES)
+    p.add_argument("--method", default="mobiletl", choices=METHODS)
+    p.add_argument("--blocks", type=int, default=None,
+                   help=f"top blocks to fine-tune (block-wise methods; default {DEFAULT_BLOCKS})")
+    p.add_argument("--classes", type=positive_int, default=10)
+    p.add_argument("--frozen-precision", default="int8", choices=PRECISIONS)
+    p.set_defaults(run=summary_command)
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------
 # Flags of `train` that are fields of train.TrainConfig; left out (None), the dataset's default.
 TRAIN_CONFIG_FLAGS = ("model", "method", "blocks", "dataset", "weights", "epochs", "seed", "batch_size", "lr",
                       "label_smoothing", "resolution", "frozen_precision", "bn_momentum", "deterministic",
                       "workers", "limit", "bottom_chunk")
 
 
-def _train_command(args) -> int:
-    from .train import OFFLINE_DATASETS, TrainConfig, resume, train
+def train_command(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .train import TrainConfig, resume, train
     run_file = Path(args.out or "") / "config.json"
     if args.resume and args.threads is None and run_file.is_file():  # the run's own count: bit for bit
-        _set_threads(json.loads(run_file.read_text()).get("threads"))
+        set_threads(json.loads(run_file.read_text()).get("threads"))
     else:
-        _set_threads(args.threads, offline=(args.dataset or "offline-target") in OFFLINE_DATASETS)
+        set_threads(args.threads, offline=(args.dataset or DEFAULT_DATASET) in OFFLINE_DATASETS)
     given = {name: getattr(args, name) for name in TRAIN_CONFIG_FLAGS if getattr(args, name) is not None}
     where = dict(data_root=args.data_root, download=args.download, device=args.device, progress=not args.quiet)
     if args.resume:
@@ -116,30 +203,36 @@ def _train_command(args) -> int:
     return 0
 
 
-def _add_train_parser(sub) -> None:
+@subcommand
+def train_parser(sub) -> None:
     p = sub.add_parser("train", help="fine-tune a model with one method (no flags: the offline demo)",
                        description="Fine-tune with the paper's recipe (Adam, cosine, batch 8). With no flags: "
-                                   "MobileNetV3-Small, mobiletl, 3 blocks, offline-target, shipped source weights.")
+                                   f"MobileNetV3-Small, mobiletl, {DEFAULT_BLOCKS} blocks, {DEFAULT_DATASET}, "
+                                   "shipped source weights.")
     p.add_argument("--model", choices=MODEL_NAMES, help="default mobilenet_v3_small")
     p.add_argument("--method", choices=METHODS, help="default mobiletl")
-    p.add_argument("--blocks", type=int, help="top blocks to fine-tune (block-wise methods; default 3)")
-    p.add_argument("--dataset", help="a name from mobiletl_edu.data.dataset_names(); default offline-target")
-    _add_run_flags(p, *RUN_FLAGS)
-    p.add_argument("--label-smoothing", type=float, help="default: the dataset's recipe")
-    p.add_argument("--frozen-precision", choices=("int8", "float"), help="default int8")
-    p.add_argument("--bottom-chunk", type=int, help="run the frozen bottom this many samples at a time "
-                                                     "(less memory; default: the whole batch)")
+    p.add_argument("--blocks", type=positive_int, help=f"top blocks to fine-tune (block-wise methods; "
+                                                       f"default {DEFAULT_BLOCKS})")
+    p.add_argument("--dataset", choices=DATASET_NAMES, metavar="DATASET", help=dataset_help(DEFAULT_DATASET))
+    add_run_flags(p, *RUN_FLAGS)
+    p.add_argument("--label-smoothing", type=smoothing, help="default: the dataset's recipe")
+    p.add_argument("--frozen-precision", choices=PRECISIONS, help="default int8")
+    p.add_argument("--bottom-chunk", type=positive_int, help="run the frozen bottom this many samples at a time "
+                                                             "(less memory; default: the whole batch)")
     p.add_argument("--no-deterministic", dest="deterministic", action="store_const", const=False,
                    help="allow non-deterministic kernels")
     p.add_argument("--out", help="run directory (default runs/<run name>, numbered if taken)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    _add_where_flags(p)
-    p.set_defaults(run=_train_command)
+    add_where_flags(p)
+    p.set_defaults(run=train_command)
 
 
-def _pretrain_command(args) -> int:
+# ---------------------------------------------------------------------------------------------
+# pretrain
+# ---------------------------------------------------------------------------------------------
+def pretrain_command(args) -> int:
     from .pretrain import pretrain, pretrain_config
-    _set_threads(args.threads, offline=True)
+    set_threads(args.threads, offline=True)
     given = {k: getattr(args, k) for k in ("epochs", "seed", "batch_size", "lr", "resolution", "bn_momentum",
                                            "limit") if getattr(args, k) is not None}
     record = pretrain(args.out, pretrain_config(**given), work_dir=args.work_dir, progress=not args.quiet)
@@ -148,26 +241,29 @@ def _pretrain_command(args) -> int:
     return 0
 
 
-def _add_pretrain_parser(sub) -> None:
+@subcommand
+def pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain the offline source checkpoint (stands in for ImageNet)",
                        description="Train MobileNetV3-Small from scratch on offline-source and write its "
                                    "weights with a provenance JSON beside them.")
     p.add_argument("--out", default="runs/source/offline_source_mobilenet_v3_small.pt",
                    help="weights file to write (must not exist); provenance goes to the same name .json")
     p.add_argument("--work-dir", help="run directory (default: <out>-run); resumable")
-    _add_run_flags(p, "--epochs", "--seed", "--batch-size", "--lr", "--resolution", "--bn-momentum",
-                   help_text="default: the recipe of the shipped checkpoint (mobiletl_edu.pretrain)")
-    _add_run_flags(p, "--limit")
-    p.add_argument("--threads", type=int, help="torch CPU threads (the shipped file records its count)")
+    add_run_flags(p, "--epochs", "--seed", "--batch-size", "--lr", "--resolution", "--bn-momentum",
+                  help_text="default: the recipe of the shipped checkpoint (mobiletl_edu.pretrain)")
+    add_run_flags(p, "--limit")
+    add_threads_flag(p, "torch CPU threads (the shipped file records its count)")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=_pretrain_command)
+    p.set_defaults(run=pretrain_command)
 
 
-def _experiment_command(args) -> int:
+# ---------------------------------------------------------------------------------------------
+# experiment
+# ---------------------------------------------------------------------------------------------
+def experiment_command(args) -> int:
     import dataclasses
 
     from .experiments import PRESETS, collect, markdown_table, results_table, run_grid, write_results
-    from .train import OFFLINE_DATASETS
     if args.list_presets:
         for name, grid in PRESETS.items():
             print(f"{name}: {len(grid.runs())} runs. {grid.description}")
@@ -180,7 +276,7 @@ def _experiment_command(args) -> int:
     settings = {k: getattr(args, k) for k in ("epochs", "weights", "resolution", "batch_size", "lr", "limit",
                                               "workers") if getattr(args, k) is not None}
     grid = dataclasses.replace(grid, **changes, settings={**grid.settings, **settings})
-    _set_threads(args.threads, offline=set(grid.datasets) <= set(OFFLINE_DATASETS))
+    set_threads(args.threads, offline=set(grid.datasets) <= set(OFFLINE_DATASETS))
     out = args.out or f"runs/experiments/{args.preset}"
     if args.table_only:
         rows = results_table(collect(grid, out))
@@ -196,39 +292,45 @@ def _experiment_command(args) -> int:
     return 0
 
 
-def _add_experiment_parser(sub) -> None:
+@subcommand
+def experiment_parser(sub) -> None:
     p = sub.add_parser("experiment", help="run a grid of runs (resumable); write the table and the plot",
                        description="models x methods x blocks x datasets x seeds; finished runs are skipped.")
-    p.add_argument("--preset", default="offline", help="offline (default), table3, table4, figure5, figure6, figure7")
+    p.add_argument("--preset", default="offline", help="a preset grid (default offline; --list-presets "
+                                                       "lists them)")
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
     p.add_argument("--models", nargs="+", choices=MODEL_NAMES)
-    p.add_argument("--methods", nargs="+", help="method names, or name:K for K blocks")
-    p.add_argument("--blocks", nargs="+", type=int, help="block counts for block-wise methods")
-    p.add_argument("--datasets", nargs="+")
-    p.add_argument("--seeds", nargs="+", type=int)
-    _add_run_flags(p, "--epochs", "--weights", "--resolution", "--batch-size", "--lr", "--limit", "--workers")
+    p.add_argument("--methods", nargs="+", help=f"method names, or name:K for K blocks; methods: "
+                                                f"{', '.join(METHODS)}")
+    p.add_argument("--blocks", nargs="+", type=positive_int, help="block counts for block-wise methods")
+    p.add_argument("--datasets", nargs="+", choices=DATASET_NAMES, metavar="DATASET",
+                   help=f"one or more of: {', '.join(DATASET_NAMES)}")
+    p.add_argument("--seeds", nargs="+", type=non_negative_int)
+    add_run_flags(p, "--epochs", "--weights", "--resolution", "--batch-size", "--lr", "--limit", "--workers")
     p.add_argument("--out", help="grid directory (default runs/experiments/<preset>)")
-    p.add_argument("--launcher", default="local", choices=("local", "submitit"))
+    p.add_argument("--launcher", default="local", choices=LAUNCHERS)
     p.add_argument("--cluster", default=None, help="submitit cluster: slurm, local or debug (default: auto)")
-    p.add_argument("--timeout-min", type=int, help="submitit job time limit")
+    p.add_argument("--timeout-min", type=positive_int, help="submitit job time limit")
     p.add_argument("--partition", help="Slurm partition")
-    p.add_argument("--processes", type=int, default=1, help="processes (GPUs) per run, started with torchrun")
+    p.add_argument("--processes", type=positive_int, default=1,
+                   help="processes (GPUs) per run, started with torchrun")
     p.add_argument("--table-only", action="store_true", help="only collect finished runs into the table and plot")
-    _add_where_flags(p)
-    p.set_defaults(run=_experiment_command)
+    add_where_flags(p)
+    p.set_defaults(run=experiment_command)
 
 
-PARSER_BUILDERS = [_add_summary_parser, _add_train_parser, _add_pretrain_parser, _add_experiment_parser]
+# ---------------------------------------------------------------------------------------------
+# profile
+# ---------------------------------------------------------------------------------------------
+def profile_command(args) -> int:
+    import json
 
-
-def _profile_command(args) -> int:
     import torch
 
     from .measure import measured_report
-    from .methods import BLOCK_METHODS, check_bottom_chunk
+    from .methods import check_bottom_chunk
     from .profiler import model_training_peak, parse_size, profile_block, profile_model
-    from .train import DEFAULT_BLOCKS
-    _set_threads(args.threads)
+    set_threads(args.threads)
     budget = None if args.fit_budget is None else parse_size(args.fit_budget, "--fit-budget")
     common = dict(convention=args.convention, frozen_precision=args.frozen_precision)
     if args.block is not None:
@@ -243,7 +345,7 @@ def _profile_command(args) -> int:
         described, peak = {**spec, "convention": args.convention}, result.training
     else:
         model = args.model or "mobilenet_v3_small"
-        blocks = _default_blocks(args.method, args.blocks, DEFAULT_BLOCKS)
+        blocks = default_blocks(args.method, args.blocks)
         if args.bottom_chunk is not None:
             check_bottom_chunk(args.bottom_chunk, args.method)
         as_paper = args.convention != "pytorch"  # the paper's network keeps the frozen BNs
@@ -258,41 +360,40 @@ def _profile_command(args) -> int:
         network = ("as the paper counts it: the frozen bottom keeps its BNs" if as_paper else
                    "as prepare runs it: the frozen bottom's BNs folded into its convs")
         described = {**spec, "convention": args.convention, "network": network}
-    fit = _fit(spec, peak, budget, args) if budget is not None else {}
+    fit = _fit(spec, budget) if budget is not None else {}
     measured = measured_report(spec, args.device, torch.get_num_threads()) if args.measure else {}
     if args.json:
         report = {**described, **result.to_dict(), **fit, **measured}
         if peak is not None and "training_peak_bytes" not in report:
             report.update(training_peak_bytes=peak.bytes, training_peak_phase=peak.phase,
-                          training_peak_layer=peak.layer, training_state_bytes=peak.state_bytes)
+                          training_peak_layer=peak.layer, training_state_bytes=peak.state_bytes,
+                          training_step_bytes=peak.step_bytes)
         print(json.dumps(report, indent=2))
         return 0
     print(result.table())
+    mb = result.convention.bytes_per_mb
     if "network" in described:
         print(f"network         {described['network']}")
-    mb = result.convention.bytes_per_mb
     if peak is not None and result.training is None:
         print(f"training peak   {peak.bytes / mb:.3f} MB of tensors alive at once, PyTorch's real allocations "
               f"(BNs folded): {peak.state_bytes / mb:.3f} when the step begins + {peak.step_bytes / mb:.3f} "
               f"added, in the {peak.phase} at {peak.layer}")
     if fit:
-        size = "x".join([str(args.resolution)] * 2)
-        print(f"fits {args.fit_budget:<9} the largest batch at {size} whose training peak fits in "
-              f"{budget / mb:,.0f} MB of tensors: {fit['largest_batch']}" +
-              (f" (its peak {fit['largest_batch_peak_bytes'] / mb:.1f} MB)" if fit["largest_batch"] else ""))
+        print(f"what fits       the largest batch at {args.resolution}x{args.resolution} whose training peak "
+              f"fits in {budget / mb:,.0f} MB of tensors: {fit['largest_batch']}"
+              + (f" (its peak {fit['largest_batch_peak_bytes'] / mb:.1f} MB)" if fit["largest_batch"] else ""))
     if measured:
         _print_measured(measured, peak, result.activation_bytes, mb)
     return 0
 
 
-def _fit(spec: dict, peak, budget: int, args) -> dict:
+def _fit(spec: dict, budget: int) -> dict:
     from .profiler import largest_batch, model_training_peak
-    largest = largest_batch(spec["model"], spec["method"], spec["blocks"], budget, resolution=spec["resolution"],
-                            classes=spec["classes"], frozen_precision=spec["frozen_precision"],
-                            bottom_chunk=spec["bottom_chunk"])
-    at = None if not largest else model_training_peak(
-        spec["model"], spec["method"], spec["blocks"], batch=largest, resolution=spec["resolution"],
-        classes=spec["classes"], frozen_precision=spec["frozen_precision"], bottom_chunk=spec["bottom_chunk"]).bytes
+    options = dict(resolution=spec["resolution"], classes=spec["classes"], frozen_precision=spec["frozen_precision"],
+                   bottom_chunk=spec["bottom_chunk"])
+    largest = largest_batch(spec["model"], spec["method"], spec["blocks"], budget, **options)
+    at = model_training_peak(spec["model"], spec["method"], spec["blocks"], batch=largest, **options).bytes \
+        if largest else None
     return {"fit_budget_bytes": budget, "largest_batch": largest, "largest_batch_peak_bytes": at}
 
 
@@ -302,8 +403,8 @@ def _print_measured(measured: dict, peak, stored: int, mb: int) -> None:
         return "n/a" if value is None else f"{value / mb:.3f} MB"
 
     print("measured, one warm step in a fresh process (MB = 1,000,000 bytes):")
-    analytic = "" if peak is None else f"  (analytic {peak.bytes / mb:.3f} MB, " \
-        f"{100 * (peak.bytes / measured['measured_tensor_peak_bytes'] - 1):+.1f} %)"
+    analytic = "" if peak is None else (f"  (analytic {peak.bytes / mb:.3f} MB, "
+                                        f"{100 * (peak.bytes / measured['measured_tensor_peak_bytes'] - 1):+.1f} %)")
     print(f"  tensors, the allocator's view   peak {size('measured_tensor_peak_bytes')} = "
           f"{size('measured_state_bytes')} when the step began + {size('measured_tensor_step_peak_bytes')} "
           f"added{analytic}")
@@ -324,26 +425,28 @@ def _input_shape(text: str) -> tuple:
     return shape
 
 
-def _add_profile_parser(sub) -> None:
-    from .profiler import BLOCK_KINDS, CONVENTIONS
+@subcommand
+def profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="analytic FLOPs, parameters and training memory of a model or one block",
                        description="Model mode (default): --model/--method/--blocks. Block mode (Table 1, "
-                                   "Figure 1): --block with --input-shape/--expansion/--kernel. Sizes are in "
+                                   "Figure 1): --block with --input-shape/--expansion/--kernel. Sizes print in "
                                    "MB of 1,000,000 bytes; JSON fields named *_bytes hold bytes.")
     p.add_argument("--model", choices=MODEL_NAMES, help="default mobilenet_v3_small (model mode)")
     p.add_argument("--method", default="mobiletl", choices=METHODS)
-    p.add_argument("--blocks", type=int, default=None, help="top blocks to fine-tune (block-wise methods; default 3)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--blocks", type=int, default=None,
+                   help=f"top blocks to fine-tune (block-wise methods; default {DEFAULT_BLOCKS})")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--resolution", type=positive_int, default=224)
+    p.add_argument("--classes", type=positive_int, default=10)
     p.add_argument("--block", choices=BLOCK_KINDS, help="profile one block instead of a model")
     p.add_argument("--input-shape", default="8,96,7,7", help="block mode: N,C,H,W (default 8,96,7,7, Table 1)")
-    p.add_argument("--expansion", type=int, default=1, help="block mode: expansion ratio (Table 1: 1, Figure 1: 6)")
-    p.add_argument("--kernel", type=int, default=5, help="block mode: depthwise / conv kernel size")
+    p.add_argument("--expansion", type=positive_int, default=1,
+                   help="block mode: expansion ratio (Table 1: 1, Figure 1: 6)")
+    p.add_argument("--kernel", type=positive_int, default=5, help="block mode: depthwise / conv kernel size")
     p.add_argument("--convention", default="pytorch", choices=tuple(CONVENTIONS),
                    help="how bytes are counted: pytorch (what a step allocates; the network as prepare runs "
                         "it) or the paper's (the network as the paper counts it)")
-    p.add_argument("--frozen-precision", default="int8", choices=("int8", "float"))
+    p.add_argument("--frozen-precision", default="int8", choices=PRECISIONS)
     p.add_argument("--bottom-chunk", type=int, help="model mode: run the frozen bottom this many samples at a time")
     p.add_argument("--fit-budget", metavar="SIZE",
                    help="model mode: the largest batch whose training peak fits in SIZE of tensors "
@@ -352,30 +455,38 @@ def _add_profile_parser(sub) -> None:
                    help="add measured views of a warm step (tensors, process, stored activations) from a "
                         "fresh process")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where --measure runs the step")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads: the kernels they choose (training peak) and the measured step's")
+    add_threads_flag(p, "torch CPU threads: the kernels they choose (training peak) and the measured step's")
     p.add_argument("--json", action="store_true", help="print a JSON report instead of the table")
-    p.set_defaults(run=_profile_command)
+    p.set_defaults(run=profile_command)
 
 
-PARSER_BUILDERS.append(_add_profile_parser)
+# ---------------------------------------------------------------------------------------------
+# The parser and the entry point
+# ---------------------------------------------------------------------------------------------
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+               IsADirectoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mobiletl-edu", description=__doc__.splitlines()[0])
+    parser = Parser(prog="mobiletl-edu", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for add in PARSER_BUILDERS:
-        add(sub)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for build in SUBCOMMANDS:
+        build(sub)
     return parser
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a user error is never a traceback)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"mobiletl-edu {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"mobiletl-edu {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -46,7 +46,6 @@ raises :class:`FileNotFoundError` naming the folder that was looked at.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -56,12 +55,12 @@ from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import download_and_extract_archive
 
+from .choices import (CARS_LAYOUT, DATASET_NAMES, DATASETS, DEFAULT_DATASET, SOURCE_DATASET,  # noqa: F401
+                      DatasetInfo, check_choice)
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TRAIN_CROP_SCALE = (0.22, 1.0)
-
-DEFAULT_DATASET = "offline-target"
-SOURCE_DATASET = "offline-source"
 
 OFFLINE_ASSET = Path(__file__).resolve().parent / "assets" / "fashion_mnist_subset.npz"
 FASHION_MNIST_CLASSES = (
@@ -77,11 +76,7 @@ CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?d
 CUB_ARCHIVE = "CUB_200_2011.tgz"
 CUB_MD5 = "97eceeb196236b17998738112f37df78"
 
-CARS_LAYOUT = ("Expected: devkit/cars_meta.mat, devkit/cars_train_annos.mat, "
-               "cars_test_annos_withlabels.mat, cars_train/ and cars_test/.")
-
 Transform = Callable[[Image.Image], object]
-Loader = Callable[[Path, Transform, Transform, bool], "tuple[Dataset, Dataset]"]
 
 
 # --------------------------------------------------------------------------
@@ -235,11 +230,16 @@ def _require_scipy(name: str) -> None:
                           "install scipy (pip install scipy) to read them") from err
 
 
-def load_cifar(root: Path, train_tf: Transform, test_tf: Transform, download: bool,
-               dataset_cls: type = datasets.CIFAR10) -> tuple[Dataset, Dataset]:
-    """CIFAR-10 or CIFAR-100 (pass ``datasets.CIFAR100``): official batches."""
+def load_cifar10(root: Path, train_tf: Transform, test_tf: Transform, download: bool,
+                 dataset_cls: type = datasets.CIFAR10) -> tuple[Dataset, Dataset]:
+    """CIFAR-10 (or another torchvision CIFAR class): official batches."""
     return (dataset_cls(root, train=True, transform=train_tf, download=download),
             dataset_cls(root, train=False, transform=test_tf, download=download))
+
+
+def load_cifar100(root: Path, train_tf: Transform, test_tf: Transform, download: bool):
+    """CIFAR-100: official batches."""
+    return load_cifar10(root, train_tf, test_tf, download, datasets.CIFAR100)
 
 
 def load_flowers102(root: Path, train_tf: Transform, test_tf: Transform, download: bool,
@@ -298,73 +298,27 @@ def load_cub200(root: Path, train_tf: Transform, test_tf: Transform,
             CUB200(root, train=False, transform=test_tf))
 
 
-def _offline_loader(class_ids: tuple[int, ...]) -> Loader:
-    def load(root: Path, train_tf: Transform, test_tf: Transform, download: bool):
-        return load_offline(class_ids, train_tf, test_tf)
-    return load
+def load_offline_source(root: Path, train_tf: Transform, test_tf: Transform, download: bool):
+    """The offline source task (bundled; ``root`` and ``download`` are not used)."""
+    return load_offline(OFFLINE_SOURCE_CLASSES, train_tf, test_tf)
+
+
+def load_offline_target(root: Path, train_tf: Transform, test_tf: Transform, download: bool):
+    """The offline target task (bundled; ``root`` and ``download`` are not used)."""
+    return load_offline(OFFLINE_TARGET_CLASSES, train_tf, test_tf)
 
 
 # --------------------------------------------------------------------------
-# Registry
+# Registry: the facts live in mobiletl_edu.choices.DATASETS (no torch needed)
 # --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class DatasetSpec:
-    """How to load one dataset, its label count and TinyTL's recipe for it."""
-
-    loader: Loader
-    num_classes: int
-    lr: float
-    label_smoothing: float
-    folder: str | None = None  # sub-folder of root holding the data; None = bundled
-    manual_steps: str = ""  # how to place the data by hand
-    downloadable: bool = True
-
-
-_REGISTRY: dict[str, DatasetSpec] = {
-    "cifar10": DatasetSpec(
-        load_cifar, 10, 3e-4, 0.1, "cifar-10-batches-py",
-        "extract cifar-10-python.tar.gz into the root."),
-    "cifar100": DatasetSpec(
-        partial(load_cifar, dataset_cls=datasets.CIFAR100), 100, 3e-4, 0.1, "cifar-100-python",
-        "extract cifar-100-python.tar.gz into the root."),
-    "flowers102": DatasetSpec(
-        load_flowers102, 102, 2e-4, 0.7, "flowers-102",
-        "put jpg/ (from 102flowers.tgz), imagelabels.mat and setid.mat in that folder."),
-    "pets": DatasetSpec(
-        load_pets, 37, 0.5e-4, 0.7, "oxford-iiit-pet",
-        "extract images.tar.gz and annotations.tar.gz into that folder."),
-    "aircraft": DatasetSpec(
-        load_aircraft, 100, 16e-4, 0.7, "fgvc-aircraft-2013b",
-        "extract fgvc-aircraft-2013b.tar.gz into the root."),
-    "cars": DatasetSpec(
-        load_cars, 196, 8e-4, 0.7, "stanford_cars",
-        "Stanford Cars cannot be downloaded (its original URL is broken upstream); copy the "
-        "original release into that folder by hand. " + CARS_LAYOUT,
-        downloadable=False),
-    "food101": DatasetSpec(
-        load_food101, 101, 2e-4, 0.1, "food-101",
-        "extract food-101.tar.gz into the root."),
-    "cub200": DatasetSpec(
-        load_cub200, 200, 6e-4, 0.7, "CUB_200_2011",
-        "extract the official CUB_200_2011.tgz into the root."),
-    # Not part of TinyTL: our own settings for the bundled demo tasks, checked
-    # with MobileNetV3-Small at 32 px, Adam, batch 32 and a cosine schedule.
-    SOURCE_DATASET: DatasetSpec(
-        _offline_loader(OFFLINE_SOURCE_CLASSES), len(OFFLINE_SOURCE_CLASSES), 2e-3, 0.1),
-    DEFAULT_DATASET: DatasetSpec(
-        _offline_loader(OFFLINE_TARGET_CLASSES), len(OFFLINE_TARGET_CLASSES), 2e-3, 0.1),
-}
-
-
 def dataset_names() -> list[str]:
     """Every name accepted by :func:`build_datasets`."""
-    return list(_REGISTRY)
+    return list(DATASET_NAMES)
 
 
-def _spec(name: str) -> DatasetSpec:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(_REGISTRY)}")
-    return _REGISTRY[name]
+def _spec(name: str) -> DatasetInfo:
+    check_choice("dataset", name, DATASET_NAMES)
+    return DATASETS[name]
 
 
 def recipe(name: str) -> dict[str, float]:
@@ -373,14 +327,14 @@ def recipe(name: str) -> dict[str, float]:
     return {"lr": spec.lr, "label_smoothing": spec.label_smoothing}
 
 
-def _how_to_get(spec: DatasetSpec) -> str:
+def _how_to_get(spec: DatasetInfo) -> str:
     if not spec.downloadable:
         return spec.manual_steps
     return ("Pass --download (download=True) to fetch it, or place it manually: "
             + spec.manual_steps)
 
 
-def _require_local(name: str, spec: DatasetSpec, root: Path) -> None:
+def _require_local(name: str, spec: DatasetInfo, root: Path) -> None:
     """Fail early, with instructions, when a dataset's folder is absent."""
     path = root / spec.folder
     if not path.is_dir():
@@ -402,9 +356,9 @@ def build_datasets(name: str, root: str | Path, resolution: int = 224,
     root = Path(root).expanduser()
     if spec.folder is not None and not download:
         _require_local(name, spec, root)
+    loader = globals()[spec.loader]  # the load_* function of this module that spec names
     try:
-        train_ds, test_ds = spec.loader(root, train_transform(resolution),
-                                        test_transform(resolution), download)
+        train_ds, test_ds = loader(root, train_transform(resolution), test_transform(resolution), download)
     except RuntimeError as err:  # torchvision's "not found or corrupted"
         if spec.folder is None:
             raise

@@ -23,8 +23,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .methods import BLOCK_METHODS, METHODS
-from .train import DEFAULT_BLOCKS, TrainConfig, atomic_write_bytes, atomic_write_json, train_or_resume
+from .choices import BLOCK_METHODS, DEFAULT_BLOCKS, LAUNCHERS, METHODS, check_choice
+from .train import TrainConfig, atomic_write_bytes, atomic_write_json, train_or_resume
 
 TABLE3_METHODS = ("ft-all", "ft-last", "ft-bn", "ft-bias", "ft-blocks", "mobiletl", "tinytl-lite-residual")
 
@@ -146,8 +146,7 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, launcher: str = "local", pro
     ``update_parameters`` (``timeout_min``, ``slurm_partition`` ...). ``processes`` > 1 starts
     each run with torchrun. Returns the per-run summaries.
     """
-    if launcher not in ("local", "submitit"):
-        raise ValueError(f"unknown launcher {launcher!r}; valid choices: local, submitit")
+    check_choice("launcher", launcher, LAUNCHERS)
     configs = grid.runs()
     out = Path(out)
     options = {"data_root": str(data_root), "download": download, "device": device, "progress": progress}

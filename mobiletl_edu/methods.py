@@ -25,23 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import SqueezeExcitation
 
+from .choices import (BLOCK_METHODS, FROZEN_BOTTOM_METHODS, GLOBAL_METHODS, METHODS, MOBILETL_FULL_BN,  # noqa: F401
+                      PRECISIONS, SINGLE_BLOCK_METHODS, check_choice)
 from .models import (RESNET_BLOCKS, Unit, build_model, check_positive, find_units, has_squeeze_excitation, norm_roles,
                      set_submodule)
 from .ops import ShiftOnlyBatchNorm2d, SignHardswish, SignReLU, SignReLU6
-from .quant import PRECISIONS, FrozenLayer, freeze_layers
-
-# method -> which BN of each trained block stays a full BN (None: not a MobileTL method)
-MOBILETL_FULL_BN = {
-    "mobiletl": {"project", "last", "shortcut"},  # = MobileTL-proj-bn, the paper's choice
-    "mobiletl-exp-bn": {"expand"},
-    "mobiletl-dw-bn": {"depthwise"},
-    "mobiletl-all-bn-shift": set(),
-    "mobiletl-all-bn": {"expand", "depthwise", "project", "intermediate", "last", "shortcut"},
-}
-GLOBAL_METHODS = ("ft-all", "ft-last", "ft-bn", "ft-bias")
-BLOCK_METHODS = ("ft-blocks", *MOBILETL_FULL_BN, "remove-se", "relu",
-                 "tinytl-lite-residual", "mobiletl+tinytl-lite-residual")
-METHODS = GLOBAL_METHODS + BLOCK_METHODS
+from .quant import FrozenLayer, freeze_layers
 
 SIGN_APPROXIMATION = {nn.Hardswish: SignHardswish, nn.ReLU6: SignReLU6, nn.ReLU: SignReLU}
 
@@ -64,10 +53,8 @@ def prepare(model, method: str, blocks: int | None = None, *, num_classes: int =
         check_bottom_chunk(bottom_chunk, method)
     if isinstance(model, str):
         model = build_model(model, num_classes)
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
-    if frozen_precision not in PRECISIONS:
-        raise ValueError(f"unknown frozen_precision {frozen_precision!r}; valid choices: {', '.join(PRECISIONS)}")
+    check_choice("method", method, METHODS)
+    check_choice("frozen_precision", frozen_precision, PRECISIONS)
     units = find_units(model)
     top = _top_blocks(units, method, blocks)
 
@@ -85,9 +72,6 @@ def prepare(model, method: str, blocks: int | None = None, *, num_classes: int =
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     return Prepared(model, torch.optim.Adam(trainable, lr=lr))
-
-
-SINGLE_BLOCK_METHODS = ("ft-blocks", *MOBILETL_FULL_BN, "remove-se", "relu")
 
 
 def prepare_block(block: nn.Module, method: str, frozen_precision: str = "int8") -> nn.Module:
@@ -236,10 +220,6 @@ def _optimize_bottom(model: nn.Module, bottom: list[Unit]) -> None:
 
 def _contiguous_output(module, args, output):
     return output.contiguous() if isinstance(output, torch.Tensor) else output
-
-
-# methods whose frozen bottom is not empty: every parameter below the top blocks (or the classifier) is frozen
-FROZEN_BOTTOM_METHODS = ("ft-last", *BLOCK_METHODS)
 
 
 def check_bottom_chunk(chunk, method: str) -> None:

@@ -17,27 +17,21 @@ from torch import nn
 from torchvision.models import mobilenetv2, mobilenetv3, resnet
 from torchvision.ops.misc import SqueezeExcitation
 
+from .choices import MODEL_NAMES, check_choice
 from .proxyless import proxyless_mobile
 from .quant import FrozenLayer
 
 INVERTED_RESIDUALS = (mobilenetv2.InvertedResidual, mobilenetv3.InvertedResidual)
 RESNET_BLOCKS = (resnet.BasicBlock, resnet.Bottleneck)
 
-MODEL_BUILDERS = {
-    "mobilenet_v2": torchvision.models.mobilenet_v2,
-    "mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
-    "mobilenet_v3_large": torchvision.models.mobilenet_v3_large,
-    "resnet18": torchvision.models.resnet18,
-    "resnet50": torchvision.models.resnet50,
-    "proxyless_mobile": proxyless_mobile,
-}
-MODEL_NAMES = tuple(MODEL_BUILDERS)
+# torchvision's builder of each name; ours for ProxylessNAS-Mobile
+MODEL_BUILDERS = {name: proxyless_mobile if name == "proxyless_mobile" else getattr(torchvision.models, name)
+                  for name in MODEL_NAMES}
 
 
 def build_model(name: str, num_classes: int = 1000) -> nn.Module:
     """A randomly initialised model from the registry (weights are loaded separately)."""
-    if name not in MODEL_BUILDERS:
-        raise ValueError(f"unknown model {name!r}; valid choices: {', '.join(MODEL_NAMES)}")
+    check_choice("model", name, MODEL_NAMES)
     check_positive(num_classes=num_classes)
     if name == "proxyless_mobile":
         return proxyless_mobile(num_classes=num_classes)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from .data import SOURCE_DATASET
+from .choices import SOURCE_DATASET
 from .train import (SOURCE_CHECKPOINT, SOURCE_MODEL, TrainConfig, atomic_write_bytes, atomic_write_json,
                     file_sha256, read_state_dict, train_or_resume)
 

@@ -35,6 +35,7 @@ from torchvision.models import mobilenetv2, mobilenetv3, resnet
 from torchvision.models.mobilenetv3 import InvertedResidualConfig
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
+from .choices import BLOCK_KINDS, CONVENTIONS, Convention  # noqa: F401 (profiler.Convention)
 from .methods import (LiteResidual, _contiguous_output, bottom_chunk, chunked_units, prepare, prepare_block,
                       set_bottom_chunk)
 from .models import block_units, build_model, check_positive
@@ -44,37 +45,6 @@ from .quant import FrozenLayer
 
 # ---------------------------------------------------------------------------------------------
 # Conventions
-
-
-@dataclass(frozen=True)
-class Convention:
-    """How bytes and FLOPs are counted. Make a variant with ``dataclasses.replace(c, field=...)``."""
-
-    name: str
-    storage: str  # "pytorch" or "paper": which column of RULES says what a layer keeps
-    relu6_mask_bits: int = 2  # "paper" storage: bits per element an exact ReLU6 keeps
-    frozen_param_bits: int | None = None  # bits per frozen parameter; None: as really stored
-    dropout_mask_bits: int = 32  # eager PyTorch on CPU keeps a float mask (CUDA: 8, a bool)
-    flops_per_mac: int = 2  # a multiply-accumulate is two operations of one FLOP each
-    lowest_input_gradient: bool = False  # count the input gradient of the lowest trained layer
-    elementwise_in_place: bool = False  # peak: BN and activations overwrite their input
-    bytes_per_mb: int = 10**6  # Table 1's MB: 0.306 MB = (conv input + BN input + mask) / 1e6
-    summary: str = ""
-
-
-CONVENTIONS = {
-    "pytorch": Convention(
-        "pytorch", "pytorch",
-        summary="what eager PyTorch with this package's operators keeps: agrees with measurement"),
-    "paper": Convention(
-        "paper", "paper", relu6_mask_bits=2, frozen_param_bits=8, lowest_input_gradient=True,
-        elementwise_in_place=True,
-        summary="TinyTL-style, exact ReLU6 as 2 bits (Table 2): Table 1, Figures 1 and 4, Table 3"),
-    "paper-relu6-1bit": Convention(
-        "paper-relu6-1bit", "paper", relu6_mask_bits=1, frozen_param_bits=8, lowest_input_gradient=True,
-        elementwise_in_place=True,
-        summary="'paper' with an exact ReLU6 as 1 bit, as TinyTL: Table 1 exactly, not Figure 1"),
-}
 
 
 def conventions_table() -> str:
@@ -1180,9 +1150,6 @@ def largest_batches(model: str, method: str, blocks: int | None, budgets: list, 
         return max(_LINEAR_FROM - 1, min(best, limit))
 
     return [largest(b) for b in budgets]
-
-
-BLOCK_KINDS = ("conv", "mbv2", "mbv3")
 
 
 def build_block(kind: str, channels: int = 96, expansion: int = 1, kernel: int = 5) -> nn.Module:

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PRECISIONS = ("int8", "float")
+from .choices import PRECISIONS
+
 
 
 def quantize_per_channel(weight: torch.Tensor):

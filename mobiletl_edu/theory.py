@@ -20,6 +20,8 @@ from typing import NamedTuple
 
 import sympy as sp
 
+from .choices import BLOCK_KINDS
+
 x = sp.Symbol("x", real=True)
 """The pre-activation, the argument of every activation below."""
 
@@ -234,7 +236,6 @@ B, C, H, W = sp.symbols("B C H W", integer=True, positive=True)
 e, k, s = sp.symbols("e k s", integer=True, positive=True)
 """Expansion ratio, kernel size of the (depthwise) convolution, squeeze-excitation width."""
 
-BLOCK_KINDS = ("conv", "mbv2", "mbv3")
 BLOCK_METHODS = ("ft-blocks", "mobiletl")
 STORAGES = ("paper", "pytorch")
 

@@ -47,21 +47,19 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .data import DEFAULT_DATASET, SOURCE_DATASET, build_datasets, dataset_names, recipe
+from .choices import (DATASET_NAMES, DEFAULT_BLOCKS, DEFAULT_DATASET, METHODS, MODEL_NAMES,  # noqa: F401
+                      OFFLINE_DATASETS, PRECISIONS, SOURCE_DATASET, WEIGHT_NAMES, check_choice)
+from .data import build_datasets, recipe
 from .measure import max_rss_bytes, reset_peak_rss, resident_bytes, saved_activations
-from .methods import BLOCK_METHODS, METHODS, check_bottom_chunk, prepare
-from .models import MODEL_NAMES, build_model, check_positive, find_units, set_submodule
-from .quant import PRECISIONS
+from .methods import BLOCK_METHODS, check_bottom_chunk, prepare
+from .models import build_model, check_positive, find_units, set_submodule
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 SOURCE_MODEL = "mobilenet_v3_small"
 SOURCE_CHECKPOINT = ASSETS / "offline_source_mobilenet_v3_small.pt"
-WEIGHT_NAMES = ("imagenet", "source", "none")
-OFFLINE_DATASETS = (SOURCE_DATASET, DEFAULT_DATASET)
 
 PAPER_EPOCHS, PAPER_RESOLUTION, PAPER_BATCH_SIZE = 50, 224, 8
 OFFLINE_EPOCHS, OFFLINE_RESOLUTION = 3, 64  # fits the 2-minute CPU demo (benchmarks/offline_accuracy.py)
-DEFAULT_BLOCKS = 3
 EVAL_BATCH_SIZE = 64
 RUN_FORMAT = "mobiletl-edu-run"
 
@@ -94,10 +92,10 @@ class TrainConfig:
 
     def resolved(self) -> TrainConfig:
         """Check every value and fill in the dataset's defaults."""
-        _check_choice("model", self.model, MODEL_NAMES)
-        _check_choice("method", self.method, METHODS)
-        _check_choice("dataset", self.dataset, dataset_names())
-        _check_choice("frozen_precision", self.frozen_precision, PRECISIONS)
+        check_choice("model", self.model, MODEL_NAMES)
+        check_choice("method", self.method, METHODS)
+        check_choice("dataset", self.dataset, DATASET_NAMES)
+        check_choice("frozen_precision", self.frozen_precision, PRECISIONS)
         offline = self.dataset in OFFLINE_DATASETS
         defaults = recipe(self.dataset)
         weights = self.weights
@@ -134,11 +132,6 @@ class TrainConfig:
 
 def _default(value, default):
     return default if value is None else value
-
-
-def _check_choice(name, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}; valid choices: {', '.join(choices)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,7 +172,7 @@ def read_state_dict(path: str | os.PathLike) -> dict:
 
 def imagenet_weights_file(model_name: str) -> tuple[object, Path]:
     """torchvision's default ImageNet weights for ``model_name`` and their torch hub cache path."""
-    _check_choice("model", model_name, MODEL_NAMES)
+    check_choice("model", model_name, MODEL_NAMES)
     if model_name == "proxyless_mobile":
         raise ValueError("torchvision has no ImageNet weights for proxyless_mobile: download the official "
                          "proxyless_mobile.pth (mit-han-lab/proxylessnas) and pass its path with --weights")
@@ -197,7 +190,7 @@ def load_weights(model_name: str, weights: str, num_classes: int, *, new_classif
     first), since the target's classes are not the source's; otherwise the checkpoint's
     classifier is kept and must have ``num_classes`` outputs.
     """
-    _check_choice("model", model_name, MODEL_NAMES)
+    check_choice("model", model_name, MODEL_NAMES)
     if weights == "none":
         return build_model(model_name, num_classes)
     if weights == "imagenet":

@@ -107,7 +107,7 @@ def make_cifar100(root: Path):
 
 def test_cifar10_fixture(tmp_path):
     fixture_cls = make_cifar10(tmp_path)
-    train, test = data.load_cifar(tmp_path, *tiny_transforms(), False, dataset_cls=fixture_cls)
+    train, test = data.load_cifar10(tmp_path, *tiny_transforms(), False, dataset_cls=fixture_cls)
     assert labels_of(train) == [0, 1, 1, 2, 2, 3, 3, 4, 4, 5]
     assert labels_of(test) == [7, 8, 9]
     check_items(train)
@@ -116,7 +116,7 @@ def test_cifar10_fixture(tmp_path):
 
 def test_cifar100_fixture(tmp_path):
     fixture_cls = make_cifar100(tmp_path)
-    train, test = data.load_cifar(tmp_path, *tiny_transforms(), False, dataset_cls=fixture_cls)
+    train, test = data.load_cifar10(tmp_path, *tiny_transforms(), False, dataset_cls=fixture_cls)
     assert labels_of(train) == [0, 42, 99, 5]
     assert labels_of(test) == [13, 77]
     check_items(test)
