@@ -175,6 +175,17 @@ def _batch_norm(c, cv):
                 backward_weight=(2 * n if c.trains("weight") else 0) + (n if c.trains("bias") else 0))
 
 
+def _group_norm(c, cv):
+    n, groups = c.x.numel(), c.x.shape[0] * c.module.num_groups
+    in_graph = c.x_grad or c.trains("weight") or c.trains("bias")
+    if cv.storage == "pytorch":
+        stored = [_full(c.x, "input"), (object(), 2 * groups * 4, "group mean and 1/std")] if in_graph else []
+    else:
+        stored = [_full(c.x, "input")] if c.trains("weight") else []
+    return Cost(stored, forward=8 * n, backward_input=8 * n if c.input_gradient(cv) else 0,
+                backward_weight=(2 * n if c.trains("weight") else 0) + (n if c.trains("bias") else 0))
+
+
 def _shift_only_bn(c, cv):
     n, keeps = c.x.numel(), c.x_grad and cv.storage == "pytorch"
     stored = [(object(), c.module.num_features * c.x.element_size(), "per-channel scale")] if keeps else []
@@ -409,6 +420,15 @@ def _batch_norm_memory(c, threads):
     return [(_nbytes(c.y), statistics)], [(2 * _nbytes(c.x) if c.x_grad else _nbytes(c.x), grads)]
 
 
+def _group_norm_memory(c, threads):
+    statistics = 2 * c.x.shape[0] * c.module.num_groups * 4
+    grads = sum(_nbytes(p) for p in c.module.parameters(recurse=False) if p.requires_grad)
+    if not _in_graph(c):
+        return [(_nbytes(c.y), statistics)], []
+    per_channel = 2 * c.x.shape[0] * c.module.num_channels * 4  # two N x C sums of the backward
+    return [(_nbytes(c.y), statistics)], [(_nbytes(c.x) if c.x_grad else 0, grads + per_channel)]
+
+
 def _shift_only_bn_memory(c, threads):
     if not _in_graph(c):
         return [(_nbytes(c.y), 0)], []  # torch's fused eval-mode kernel
@@ -494,6 +514,10 @@ RULES = (
          "input, if the scale trains", "4 per element, +4 for batch statistics",
          "input: 8 per element; scale: 2, shift: 1", _batch_norm, True, memory=_batch_norm_memory,
          forward_memory="output + batch statistics", backward_memory="input gradient + one input-sized temporary"),
+    Rule("GroupNorm (TinyTL's patches)", (nn.GroupNorm,), "input + group mean and 1/std",
+         "input, if the scale trains", "8 per element", "input: 8 per element; scale: 2, shift: 1", _group_norm,
+         True, memory=_group_norm_memory, forward_memory="output + group statistics",
+         backward_memory="input gradient + two N x C sums"),
     Rule("ShiftOnlyBatchNorm2d (shift trains, or frozen)", (ShiftOnlyBatchNorm2d,), "per-channel scale (C floats)",
          "nothing", "4 per element", "input: 1 per element; shift: 1", _shift_only_bn, True,
          memory=_shift_only_bn_memory, forward_memory="x * scale, then the output (frozen bottom: the output)",
