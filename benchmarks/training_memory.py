@@ -38,7 +38,7 @@ from mobiletl_edu.methods import FROZEN_BOTTOM_METHODS, GLOBAL_METHODS, METHODS,
 from mobiletl_edu.profiler import largest_batches, model_training_peak
 
 MODELS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18")
-SETTINGS = ((8, 224), (1, 224), (16, 128), (4, 320))  # (batch, resolution)
+SETTINGS = ((8, 224), (1, 224), (16, 96), (4, 160))  # (batch, resolution)
 GROWTH_METHODS = ("ft-all", "ft-bn", "ft-bias", "ft-blocks", "mobiletl", "tinytl-lite-residual")
 GROWTH_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 GROWTH_RESOLUTIONS = (96, 128, 160, 192, 224, 256, 288, 320)
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     parser.add_argument("--cache", default="runs/benchmarks/training_memory", help="one JSON per measured setting")
     parser.add_argument("--out", default="book/data/training_memory.json")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per chunk setting")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per chunk setting")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     unknown = [p for p in parts if p not in PARTS]

@@ -1,4 +1,4 @@
-"""Measured memory: what autograd really keeps for backward, and what a training step costs.
+"""Measured memory: what autograd keeps for backward, and what a training step holds.
 
 ``saved_activations`` runs one forward pass under ``torch.autograd.graph.saved_tensors_hooks``
 and records every tensor autograd saves. Each storage is counted once (ReLU's output and the
@@ -6,16 +6,18 @@ next conv's input are one tensor), and parameters and buffers are left out: they
 memory whether or not we train. Each storage is charged to the innermost module running when
 it was first saved.
 
-``step_peak_memory`` runs one training step in a fresh Python process and reads the process's
-peak resident memory from the operating system (``/proc/self/status``, else ``ru_maxrss``) and,
-on CUDA, the caching allocator's peak. These are what a device would see; they include the
-allocator's slack, so they are upper bounds on the analytic peak, not equal to it.
+``step_memory`` measures one *warm* training step in a fresh process, three ways: the tensors
+the allocator holds (``tensor_step``: torch.profiler's memory events on a CPU, the caching
+allocator's peak on CUDA), the process's resident memory, and the stored activations. A first,
+cold step also pays one-time costs (kernel code paged in, oneDNN's primitive cache, the
+optimizer's state): it is reported apart, labelled cold.
 
 ``step_times`` times training steps of several setups, interleaved step by step, so that a
 noisy machine slows them alike: compare their ratios, not their absolute times across runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -84,7 +86,20 @@ def saved_activations(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak memory of a training step, measured in a separate process
+# One training step: its time, and its memory measured three ways
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets, mark=None):
+    """Forward, cross-entropy (no targets: the output's mean), backward, optimizer step; each
+    phase inside ``mark(phase)`` when given (a profiler range, say)."""
+    mark = mark or (lambda phase: contextlib.nullcontext())
+    with mark("forward"):
+        out = model(inputs)
+        loss = F.cross_entropy(out, targets) if targets is not None else out.float().mean()
+    with mark("backward"):
+        loss.backward()
+    with mark("optimizer step"):
+        optimizer.step()
 
 
 def step_times(setups: dict, inputs: torch.Tensor, targets: torch.Tensor, *, steps: int = 30, warmup: int = 3,
@@ -102,8 +117,7 @@ def step_times(setups: dict, inputs: torch.Tensor, targets: torch.Tensor, *, ste
             x = inputs_for.get(name, inputs)
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), targets).backward()
-            optimizer.step()
+            train_step(model, optimizer, x, targets)
             if step >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -228,47 +242,34 @@ def tensor_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torc
                 targets: torch.Tensor | None, *, warmup: int = 2, timeline: bool = False) -> dict:
     """The allocator's view of one warm step, measured in this process (CPU or CUDA).
 
-    Runs ``warmup`` steps, frees their gradients (``zero_grad(set_to_none=True)``), then one step
-    during which every tensor allocation and free is recorded (CPU: ``torch.profiler``'s memory
-    events; CUDA: the caching allocator's peak). Returns ``state`` (bytes by kind when the step
-    begins), ``step_peak_bytes``, ``step_end_bytes`` and, with ``timeline``, the live bytes added
-    at every change and each phase's span in seconds.
+    Runs ``warmup`` steps (0: the caller has run them), frees their gradients
+    (``zero_grad(set_to_none=True)``), then one step during which every tensor allocation and
+    free is recorded (CPU: ``torch.profiler``'s memory events; CUDA: the caching allocator's
+    peak). Returns ``state`` (bytes by kind when the step begins), ``step_peak_bytes``,
+    ``step_end_bytes`` and, with ``timeline``, the live bytes added at every change and each
+    phase's span in seconds.
     """
-    def step():
-        out = model(inputs)
-        loss = F.cross_entropy(out, targets) if targets is not None else out.float().mean()
-        loss.backward()
-        optimizer.step()
-
     model.train()
     for _ in range(warmup):
         optimizer.zero_grad(set_to_none=True)
-        step()
+        train_step(model, optimizer, inputs, targets)
     optimizer.zero_grad(set_to_none=True)
     state = state_bytes(model, optimizer, inputs, targets)
     if inputs.is_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step()
+        train_step(model, optimizer, inputs, targets)
         torch.cuda.synchronize()
         return {"state": state, "step_peak_bytes": torch.cuda.max_memory_allocated() - before,
                 "step_end_bytes": torch.cuda.memory_allocated() - before}
     os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # kineto's start/stop chatter on stderr
     from torch.profiler import ProfilerActivity, profile, record_function
-    def marked_step():  # its locals (output, loss) are freed on return, inside the profile
-        with record_function("phase: forward"):
-            out = model(inputs)
-            loss = F.cross_entropy(out, targets) if targets is not None else out.float().mean()
-        with record_function("phase: backward"):
-            loss.backward()
-        with record_function("phase: optimizer step"):
-            optimizer.step()
-
     marks = _phase_marks(model, record_function)
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            marked_step()
+            # the step's output and loss are freed when it returns, inside the profile
+            train_step(model, optimizer, inputs, targets, lambda phase: record_function(f"phase: {phase}"))
     finally:
         for h in marks:
             h.remove()
@@ -374,14 +375,12 @@ def _measure_here(spec: dict, device: str, warmup: int, timeline: bool) -> StepM
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        out = module(inputs)
-        (F.cross_entropy(out, targets) if targets is not None else out.float().mean()).backward()
-        optimizer.step()
+        train_step(module, optimizer, inputs, targets)
 
     gc.collect()
     ready = resident_bytes("VmRSS") or max_rss_bytes()
     reset = reset_peak_rss() and resident_bytes("VmHWM") is not None
-    step()  # the cold step
+    step()  # the cold step, the first of the warm-up steps
     cold = (resident_bytes("VmHWM") if reset else max_rss_bytes()) - ready
     for _ in range(warmup - 1):
         step()
@@ -392,9 +391,9 @@ def _measure_here(spec: dict, device: str, warmup: int, timeline: bool) -> StepM
     before = resident_bytes("VmRSS")
     hwm = None
     if reset and reset_peak_rss():
-        step()
+        step()  # a warm step
         hwm = resident_bytes("VmHWM") - before
-    tensors = tensor_step(module, optimizer, inputs, targets, warmup=1, timeline=timeline)
+    tensors = tensor_step(module, optimizer, inputs, targets, warmup=0, timeline=timeline)
     stored = saved_activations(module, inputs, targets).total_bytes
     return StepMemory(device, torch.get_num_threads(), warmup, tensors["state"], tensors["step_peak_bytes"],
                       tensors["step_end_bytes"], stored, growth if device == "cpu" else None,
