@@ -585,6 +585,13 @@ def rules_table(convention: str | Convention | None = None) -> str:
     return "\n".join(lines)
 
 
+def memory_rules_table() -> str:
+    """What each layer type allocates while it runs, forward and backward (the training peak)."""
+    lines = ["| layer | forward allocates | backward allocates |", "|---|---|---|"]
+    lines += [f"| {r.layer} | {r.forward_memory} | {r.backward_memory} |" for r in RULES]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # The profile
 

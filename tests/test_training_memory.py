@@ -199,3 +199,35 @@ def test_train_refuses_a_bad_chunk_before_making_a_run_folder(capsys, tmp_path):
                            str(tmp_path / "run"), "--quiet")
     assert code == 2 and "'ft-all' has no frozen bottom" in err and "ft-last" in err
     assert not (tmp_path / "run").exists()
+
+
+# --- plots --------------------------------------------------------------------------------------
+def test_memory_timeline_plot_draws_the_measured_step_and_the_analytic_peak():
+    from mobiletl_edu.plots import plot_memory_timeline
+    torch.manual_seed(0)
+    model, optimizer = prepare("mobilenet_v3_small", "mobiletl", 3, num_classes=10)
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
+    run = tensor_step(model, optimizer, x, y, timeline=True)
+    run["analytic"] = training_peak(model, tuple(x.shape))
+    fig = plot_memory_timeline({"MobileTL-3": run})
+    ax = fig.axes[0]
+    measured, analytic = ax.lines[0], ax.lines[1]
+    assert max(measured.get_ydata()) == run["step_peak_bytes"] / 1e6
+    assert analytic.get_ydata()[0] == run["analytic"].step_bytes / 1e6
+    assert len(ax.patches) == 4  # the four phases, shaded
+    with pytest.raises(ValueError, match="timeline=True"):
+        plot_memory_timeline({"x": {k: v for k, v in run.items() if k != "timeline"}})
+
+
+def test_memory_growth_plot_has_a_line_and_dots_per_method():
+    from mobiletl_edu.plots import plot_memory_growth
+    rows = [{"method": m, "blocks": b, "axis": axis, "batch": n if axis == "batch" else 8,
+             "resolution": 224 if axis == "batch" else n, "analytic": {"bytes": k * n * 1e6},
+             "measured": {"tensor_peak_bytes": k * n * 1.01e6}}
+            for m, b, k in (("ft-all", None, 3), ("mobiletl", 3, 1)) for axis in ("batch", "resolution")
+            for n in (1, 2, 4)]
+    fig = plot_memory_growth(rows)
+    left = fig.axes[0]
+    assert len(left.lines) == 4 and [t.get_text() for t in fig.axes[1].get_legend().get_texts()] == [
+        "FT-All", "MobileTL-3"]
+    assert list(left.lines[2].get_ydata()) == [1.0, 2.0, 4.0] and left.get_yscale() == "log"
