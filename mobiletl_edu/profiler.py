@@ -18,10 +18,14 @@ What a layer keeps for backward, and a few units, depend on the named ``Conventi
 * ``paper-relu6-1bit``: ``paper`` with 1 bit for an exact ReLU6, as TinyTL's profiler counts
   it. Table 1 fits it exactly (and ``paper`` within 1 %); Figure 1's MobileNetV2 row does not.
 
-The peak is TinyTL's: the parameters, plus the largest value over layers, in forward order, of
-(activations stored so far + the running layer's input and output + residual inputs held).
-Gradients and optimizer state are reported apart from the peak: the paper's tables leave them
-out.
+Two peaks, named apart. ``paper_peak_bytes`` is TinyTL's, as the paper's tables count it: the
+parameters, plus the largest value over layers, in forward order, of (activations stored so far
++ the running layer's input and output + residual inputs held); gradients and optimizer state
+are left out. ``training_peak`` (``pytorch`` storage) is what a device must fit: the step run
+phase by phase (frozen-bottom forward, trained forward, backward, Adam's step) with every
+tensor alive at each moment, each layer's temporaries taken from what PyTorch's CPU kernels
+allocate (the memory columns of ``RULES``, and ``STEP_RULES``). It agrees with torch's own
+count of a warm step (``measure.tensor_step``); ``largest_batch`` turns it into what fits.
 """
 from __future__ import annotations
 
