@@ -39,7 +39,14 @@ SETUP_STAMP := $(VENV)/.setup-$(SETUP_KEY).stamp
 CHROMIUM := /usr/bin/chromium
 CHROMEDRIVER := /usr/bin/chromedriver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_INSTALL := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends
+# Another apt or dpkg may hold the package lock (an unattended upgrade, a second install): wait for
+# it up to APT_LOCK_WAIT seconds instead of failing at once. apt-get install waits by itself
+# (DPkg::Lock::Timeout); apt-get update, which locks the package lists, is retried meanwhile.
+APT_LOCK_WAIT ?= 600
+APT_GET := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=$(APT_LOCK_WAIT)
+APT_INSTALL := $(APT_GET) install -y --no-install-recommends
+APT_UPDATE := timeout $(APT_LOCK_WAIT) bash -c 'until $(APT_GET) update; do \
+  echo ">> apt-get update failed (package lists locked?); trying again in 10 s"; sleep 10; done'
 
 .PHONY: help setup python-env mathjax browser book test clean distclean
 
@@ -47,6 +54,7 @@ help:
 	@echo "make book   build the book strictly and open it (_build/html/index.html)"
 	@echo "make test   run every test, the strict book build and browser check included"
 	@echo "make setup  create .venv, install the package, MathJax and Chromium (idempotent)"
+	@echo "            (make book installs no browser: only make test, whose browser check needs it)"
 	@echo "make clean  remove build outputs and caches; make distclean also removes .venv"
 
 setup: python-env mathjax browser
@@ -57,7 +65,7 @@ $(PY):
 	@if ! $(PYTHON) -m venv $(VENV); then \
 	  echo ">> '$(PYTHON) -m venv' failed; installing Debian's python3-venv and retrying"; \
 	  rm -rf $(VENV); \
-	  $(SUDO) apt-get update; \
+	  $(APT_UPDATE); \
 	  $(APT_INSTALL) python3-venv; \
 	  $(PYTHON) -m venv $(VENV); \
 	fi
@@ -74,7 +82,7 @@ mathjax:
 	else \
 	  if ! command -v npm >/dev/null; then \
 	    echo ">> npm not found; installing Debian's npm"; \
-	    $(SUDO) apt-get update; \
+	    $(APT_UPDATE); \
 	    $(APT_INSTALL) npm; \
 	  fi; \
 	  rm -rf $(ASSETS); \
@@ -90,14 +98,14 @@ browser:
 	@if [ -x $(CHROMIUM) ] && [ -x $(CHROMEDRIVER) ]; then \
 	  echo ">> Chromium and ChromeDriver present"; \
 	elif command -v apt-get >/dev/null; then \
-	  $(SUDO) apt-get update; \
+	  $(APT_UPDATE); \
 	  $(APT_INSTALL) chromium chromium-driver; \
 	else \
 	  echo ">> WARNING: no apt-get: install Chromium and ChromeDriver as $(CHROMIUM) and $(CHROMEDRIVER)"; \
 	  echo ">> for the browser test (it fails when CI=true and is skipped otherwise)."; \
 	fi
 
-book: setup
+book: python-env mathjax
 	rm -rf _build/html/reports
 	mkdir -p _build
 	$(JB) build . -W -n --keep-going --all 2>&1 | tee _build/build.log

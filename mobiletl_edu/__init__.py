@@ -14,6 +14,8 @@ _EXPORTS = {
     "summary": "methods",
     "profile": "profiler",
     "profile_model": "profiler",
+    "load_trained": "train",
+    "plain_model": "export",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -81,8 +81,14 @@ DATASETS = {
     # at 32 px, Adam, batch 32 and a cosine schedule.
     SOURCE_DATASET: DatasetInfo("load_offline_source", 5, 2e-3, 0.1),
     DEFAULT_DATASET: DatasetInfo("load_offline_target", 5, 2e-3, 0.1),
+    # Your own images: one sub-folder per class; CIFAR's recipe as a starting point.
+    FOLDER_DATASET: DatasetInfo("load_folder", None, 3e-4, 0.1, "",
+                                "one sub-folder of images per class, directly under the data root or under "
+                                "its train/ and val/", downloadable=False),
 }
 DATASET_NAMES = tuple(DATASETS)
+# Datasets handed to train() as Python objects are recorded under this name, with the folder recipe.
+CUSTOM_DATASET = "custom"
 
 # ---------------------------------------------------------------------------------------------
 # Profiling
@@ -123,6 +129,7 @@ CONVENTIONS = {
 # ---------------------------------------------------------------------------------------------
 # Running and using what was trained
 # ---------------------------------------------------------------------------------------------
+PRETRAIN_OUT = "runs/source/offline_source_mobilenet_v3_small.pt"  # where `pretrain` writes by default
 LAUNCHERS = ("local", "submitit")  # how an experiment grid runs its runs
 EXPORT_FORMATS = ("torchscript", "onnx", "state-dict")
 

@@ -16,8 +16,9 @@ import os
 import sys
 
 from . import __version__
-from .choices import (BLOCK_KINDS, CONVENTIONS, DATASET_NAMES, DEFAULT_BLOCKS, DEFAULT_DATASET, LAUNCHERS,
-                      METHODS, MODEL_NAMES, OFFLINE_DATASETS, PRECISIONS, WEIGHT_NAMES)
+from .choices import (BLOCK_KINDS, CONVENTIONS, DATASET_NAMES, DEFAULT_BLOCKS, DEFAULT_DATASET, EXPORT_FORMATS,
+                      LAUNCHERS, METHODS, MODEL_NAMES, OFFLINE_DATASETS, PRECISIONS, PRETRAIN_OUT,
+                      WEIGHT_NAMES)
 
 SUBCOMMANDS = []  # parser-builders, in the order --help lists them
 
@@ -121,6 +122,11 @@ def add_threads_flag(p, help_text: str = "torch CPU threads") -> None:
     p.add_argument("--threads", type=positive_int, help=help_text)
 
 
+def add_strict_data_flag(p) -> None:
+    p.add_argument("--strict-data", action="store_true",
+                   help="stop at an unreadable image of --dataset folder instead of skipping it with a warning")
+
+
 def set_threads(threads, offline: bool = False) -> None:
     """``--threads``; left out, one thread for CPU runs on the offline datasets: their 64-px, batch-8
     steps are too small for a second thread to pay (on a busy 2-core machine we measured 32 ms a
@@ -180,20 +186,30 @@ def train_command(args) -> int:
     import json
     from pathlib import Path
 
-    from .train import TrainConfig, resume, train
+    from .train import TrainConfig, default_out, resume, resume_command, train
     run_file = Path(args.out or "") / "config.json"
     if args.resume and args.threads is None and run_file.is_file():  # the run's own count: bit for bit
         set_threads(json.loads(run_file.read_text()).get("threads"))
     else:
         set_threads(args.threads, offline=(args.dataset or DEFAULT_DATASET) in OFFLINE_DATASETS)
     given = {name: getattr(args, name) for name in TRAIN_CONFIG_FLAGS if getattr(args, name) is not None}
-    where = dict(data_root=args.data_root, download=args.download, device=args.device, progress=not args.quiet)
-    if args.resume:
-        if args.out is None:
-            raise ValueError("--resume needs --out DIR: the run to continue")
-        result = resume(args.out, given, **where)
-    else:
-        result = train(TrainConfig(**given), args.out, **where)
+    where = dict(data_root=args.data_root, download=args.download, strict_data=args.strict_data,
+                 device=args.device, progress=not args.quiet)
+    if args.resume and args.out is None:
+        raise ValueError("--resume needs --out DIR: the run to continue")
+    config = TrainConfig(**given).resolved()
+    out = Path(args.out) if args.out else default_out(config)
+    try:
+        result = resume(out, given, **where) if args.resume else train(config, args.out, **where)
+    except KeyboardInterrupt:
+        if int(os.environ.get("RANK", "0")) == 0:
+            if (out / "checkpoint.pt").is_file():
+                print(f"mobiletl-edu train: interrupted; the run is in {out} (its last checkpoint ends an "
+                      f"epoch). Continue it with: {resume_command(out, args.data_root)}", file=sys.stderr)
+            else:
+                print("mobiletl-edu train: interrupted before the first epoch ended; nothing was kept",
+                      file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0")) == 0:
         config, final = result["config"], result["final"]
         print(f"{config['model']} {config['method']} on {config['dataset']}: test top-1 "
@@ -222,8 +238,10 @@ def train_parser(sub) -> None:
     p.add_argument("--no-deterministic", dest="deterministic", action="store_const", const=False,
                    help="allow non-deterministic kernels")
     p.add_argument("--out", help="run directory (default runs/<run name>, numbered if taken)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint "
+                                                         "(with a larger --epochs: train it for more epochs)")
     add_where_flags(p)
+    add_strict_data_flag(p)
     p.set_defaults(run=train_command)
 
 
@@ -246,8 +264,9 @@ def pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="pretrain the offline source checkpoint (stands in for ImageNet)",
                        description="Train MobileNetV3-Small from scratch on offline-source and write its "
                                    "weights with a provenance JSON beside them.")
-    p.add_argument("--out", default="runs/source/offline_source_mobilenet_v3_small.pt",
-                   help="weights file to write (must not exist); provenance goes to the same name .json")
+    p.add_argument("--out", default=PRETRAIN_OUT,
+                   help="weights file to write (must not exist; default %(default)s); provenance goes to the "
+                        "same name .json")
     p.add_argument("--work-dir", help="run directory (default: <out>-run); resumable")
     add_run_flags(p, "--epochs", "--seed", "--batch-size", "--lr", "--resolution", "--bn-momentum",
                   help_text="default: the recipe of the shipped checkpoint (mobiletl_edu.pretrain)")
@@ -262,8 +281,12 @@ def pretrain_parser(sub) -> None:
 # ---------------------------------------------------------------------------------------------
 def experiment_command(args) -> int:
     import dataclasses
+    import shlex
+    from pathlib import Path
 
-    from .experiments import PRESETS, collect, markdown_table, results_table, run_grid, write_results
+    from .experiments import (PRESETS, collect, failures_of, markdown_table, results_table, run_grid,
+                              write_results)
+    from .train import check_out, resolve_device
     if args.list_presets:
         for name, grid in PRESETS.items():
             print(f"{name}: {len(grid.runs())} runs. {grid.description}")
@@ -276,19 +299,44 @@ def experiment_command(args) -> int:
     settings = {k: getattr(args, k) for k in ("epochs", "weights", "resolution", "batch_size", "lr", "limit",
                                               "workers") if getattr(args, k) is not None}
     grid = dataclasses.replace(grid, **changes, settings={**grid.settings, **settings})
+    runs = grid.runs()  # every run's config is checked before anything runs or is written
     set_threads(args.threads, offline=set(grid.datasets) <= set(OFFLINE_DATASETS))
-    out = args.out or f"runs/experiments/{args.preset}"
+    out = Path(args.out or f"runs/experiments/{args.preset}")
     if args.table_only:
-        rows = results_table(collect(grid, out))
-        write_results(rows, out)
+        rows = results_table(collect(grid, out), failures_of(grid, out))
+        if not rows:
+            print(f"nothing to tabulate or plot: none of the grid's {len(runs)} runs has finished in {out}")
+            return 0
+        written = write_results(rows, out)
     else:
+        check_out(out, create_parents=args.out is None)
+        if args.launcher == "local" and args.processes == 1:
+            resolve_device(args.device)
         executor = {"cluster": args.cluster, **({"timeout_min": args.timeout_min} if args.timeout_min else {}),
                     **({"slurm_partition": args.partition} if args.partition else {})}
-        run_grid(grid, out, launcher=args.launcher, processes=args.processes, executor_options=executor,
-                 data_root=args.data_root, download=args.download, device=args.device, progress=not args.quiet)
-        rows = results_table(collect(grid, out))
+        try:
+            run_grid(grid, out, launcher=args.launcher, processes=args.processes, executor_options=executor,
+                     data_root=args.data_root, download=args.download, device=args.device,
+                     progress=not args.quiet, retry_failed=args.retry_failed,
+                     report=lambda line: print(line, file=sys.stderr, flush=True))
+        except KeyboardInterrupt:
+            summaries = collect(grid, out)
+            write_results(results_table(summaries, failures_of(grid, out)), out)
+            again = shlex.join(["mobiletl-edu", *(args.argv or ["experiment"])])
+            print(f"mobiletl-edu experiment: interrupted; {len(summaries)} of {len(runs)} runs finished, partial "
+                  f"table in {out / 'results.md'}. Resume the grid (finished runs are kept, the interrupted "
+                  f"one continues from its last epoch) with: {again}", file=sys.stderr)
+            return 130
+        rows = results_table(collect(grid, out), failures_of(grid, out))
+        written = ["results.csv", "results.md", "results.json"] + (["accuracy_vs_memory.png"] if any(
+            r["top1_mean"] is not None for r in rows) else [])
     print(markdown_table(rows))
-    print(f"{len(rows)} rows; results.csv, results.md and accuracy_vs_memory.png in {out}")
+    print(f"{len(rows)} rows; {', '.join(written)} in {out}")
+    failed = failures_of(grid, out)
+    if failed:
+        print(f"{len(failed)} run(s) failed (see {out / 'failed.json'}); rerun with --retry-failed to try them "
+              f"again", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -315,8 +363,120 @@ def experiment_parser(sub) -> None:
     p.add_argument("--processes", type=positive_int, default=1,
                    help="processes (GPUs) per run, started with torchrun")
     p.add_argument("--table-only", action="store_true", help="only collect finished runs into the table and plot")
+    p.add_argument("--retry-failed", action="store_true", help="run again the runs that failed before "
+                                                               "(left out otherwise)")
     add_where_flags(p)
     p.set_defaults(run=experiment_command)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate, predict, export: use what a run fine-tuned
+# ---------------------------------------------------------------------------------------------
+def evaluate_command(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .export import evaluate_run, plot_confusion
+    from .train import atomic_write_json, check_out, run_checkpoint_path
+    set_threads(args.threads)
+    run = run_checkpoint_path(args.run_path)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        check_out(out)
+        if out.exists():
+            raise FileExistsError(f"{out} already exists; choose another --out (nothing was overwritten)")
+    result = evaluate_run(args.run_path, args.dataset, data_root=args.data_root, download=args.download,
+                          strict_data=args.strict_data, device=args.device)
+    if out is None:
+        out = _numbered(run.parent / f"evaluation-{result['dataset']}")
+    out.mkdir()
+    atomic_write_json(out / "evaluation.json", result)
+    figure = plot_confusion(result)
+    figure.savefig(out / ".confusion_matrix.png.tmp", format="png", dpi=120, bbox_inches="tight")
+    os.replace(out / ".confusion_matrix.png.tmp", out / "confusion_matrix.png")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{result['dataset']}: top-1 {result['top1']:.2f}%, loss {result['loss']:.4f} on {result['images']} "
+          f"test images")
+    width = max(len(c) for c in result["classes"])
+    for name, top1 in result["per_class_top1"].items():
+        print(f"  {name:<{width}}  " + ("no images" if top1 is None else f"{top1:6.2f}%"))
+    print(f"evaluation.json and confusion_matrix.png in {out}")
+    return 0
+
+
+def _numbered(base):
+    """``base``, or ``base-2``, ``base-3`` ... when taken."""
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
+
+
+@subcommand
+def evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="top-1, loss, per-class accuracy and a confusion-matrix plot of a run",
+                       description="Evaluate a run's fine-tuned model on the test split of its dataset (or "
+                                   "--dataset); write evaluation.json and confusion_matrix.png.")
+    p.add_argument("run_path", metavar="RUN", help="run folder (or its checkpoint.pt)")
+    p.add_argument("--dataset", choices=DATASET_NAMES, metavar="DATASET", help=dataset_help("the run's"))
+    p.add_argument("--data-root", default="data", help="folder holding the datasets (default ./data)")
+    p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    add_strict_data_flag(p)
+    p.add_argument("--out", help="folder for the results (must not exist; default RUN/evaluation-<dataset>)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default cuda when available)")
+    add_threads_flag(p)
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.set_defaults(run=evaluate_command)
+
+
+def predict_command(args) -> int:
+    import json
+
+    from .export import predict
+    set_threads(args.threads)
+    results = predict(args.run_path, args.images, top=args.top, device=args.device)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        guesses = ", ".join(f"{g['class']} {100 * g['probability']:.1f}%" for g in result["top"])
+        print(f"{result['file']}: {guesses}")
+    return 0
+
+
+@subcommand
+def predict_parser(sub) -> None:
+    p = sub.add_parser("predict", help="the most likely classes of images, by name, with a run's model")
+    p.add_argument("run_path", metavar="RUN", help="run folder (or its checkpoint.pt)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files, or folders of them")
+    p.add_argument("--top", type=positive_int, default=5, help="how many classes to show per image (default 5)")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default cuda when available)")
+    add_threads_flag(p)
+    p.set_defaults(run=predict_command)
+
+
+def export_command(args) -> int:
+    from .export import export_run
+    set_threads(args.threads)
+    path = export_run(args.run_path, args.format, args.out)
+    print(f"{args.format} model written to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+@subcommand
+def export_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a run's model as a plain network: TorchScript, ONNX or a state dict",
+                       description="The exported network is made of ordinary layers (exact activations, "
+                                   "BatchNorm2d, float Conv2d/Linear) and gives the run's eval-mode logits.")
+    p.add_argument("run_path", metavar="RUN", help="run folder (or its checkpoint.pt)")
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    p.add_argument("--out", help="file to write (must not exist; default: model.<format> in the run folder)")
+    add_threads_flag(p)
+    p.set_defaults(run=export_command)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,8 +641,18 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"mobiletl-edu: warning: {message}\n"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version, or a usage error already printed
+        return done.code
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to print a command that continues the work
+    import warnings
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return args.run(args)
     except USER_ERRORS as error:
@@ -494,6 +664,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"mobiletl-edu {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous  # main() called from Python leaves the caller's as it was
 
 
 if __name__ == "__main__":

@@ -45,9 +45,13 @@ raises :class:`FileNotFoundError` naming the folder that was looked at.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+import socket
+import warnings
+from http.client import HTTPException
 from pathlib import Path
 from typing import Callable
+from urllib.error import URLError
 
 import numpy as np
 from PIL import Image
@@ -55,8 +59,8 @@ from torch.utils.data import ConcatDataset, Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import download_and_extract_archive
 
-from .choices import (CARS_LAYOUT, DATASET_NAMES, DATASETS, DEFAULT_DATASET, SOURCE_DATASET,  # noqa: F401
-                      DatasetInfo, check_choice)
+from .choices import (CARS_LAYOUT, CUSTOM_DATASET, DATASET_NAMES, DATASETS, DEFAULT_DATASET,  # noqa: F401
+                      FOLDER_DATASET, SOURCE_DATASET, DatasetInfo, check_choice)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -220,6 +224,107 @@ def load_offline(class_ids: tuple[int, ...], train_tf: Transform,
 
 
 # --------------------------------------------------------------------------
+# Your own images: one sub-folder per class
+# --------------------------------------------------------------------------
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+FOLDER_VAL_FRACTION = 0.2  # without train/ and val/, this share of each class is held out ...
+FOLDER_SPLIT_SEED = 0  # ... drawn with this seed, the same for every run and method
+
+
+class SkippedImageWarning(UserWarning):
+    """An image file that cannot be decoded (corrupt or truncated) was left out."""
+
+
+def readable_image(path: Path) -> str | None:
+    """None if ``path`` decodes completely, else why not (a reduced-size decode reads every byte)."""
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale, still to the last byte
+            image.load()
+        return None
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... for bad files
+        return " ".join(str(error).split()) or type(error).__name__
+
+
+class ImageFolderDataset(Dataset):
+    """``(image, label)`` pairs from a list of ``(path, label)``; ``classes`` names the labels."""
+
+    def __init__(self, samples: list[tuple[Path, int]], classes: list[str], transform: Transform | None = None):
+        self.samples, self.classes, self.transform = samples, classes, transform
+        self.targets = [label for _, label in samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+        except Exception as error:  # changed on disk after the scan
+            raise ValueError(f"cannot read image {path}: {' '.join(str(error).split())}") from error
+        return (self.transform(image) if self.transform is not None else image), label
+
+
+def scan_image_folder(root: Path, classes: list[str] | None = None,
+                      strict: bool = False) -> tuple[list[tuple[Path, int]], list[str], list[str]]:
+    """``(samples, classes, skipped)`` of ``root/<class>/<image>``, sorted by name.
+
+    Every image is decoded once: an unreadable one is skipped with a ``SkippedImageWarning``
+    naming it, or with ``strict`` raises ValueError naming it.
+    """
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist ({DATASETS[FOLDER_DATASET].manual_steps})")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = found if classes is None else classes
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"{root} has class folders that the training classes lack: {', '.join(unknown)}")
+    if len(classes) < 2:
+        raise ValueError(f"{root} needs one sub-folder per class, at least two; found {found or 'none'}")
+    samples, skipped = [], []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in (root / name).rglob("*")
+                       if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file() and not f.name.startswith("."))
+        for path in files:
+            problem = readable_image(path)
+            if problem is None:
+                samples.append((path, label))
+            elif strict:
+                raise ValueError(f"unreadable image {path} ({problem}); remove it, or leave out --strict-data "
+                                 f"to skip such files with a warning")
+            else:
+                skipped.append(str(path))
+                warnings.warn(f"skipped unreadable image {path} ({problem})", SkippedImageWarning, stacklevel=2)
+    return samples, classes, skipped
+
+
+def load_folder(root: Path, train_tf: Transform, test_tf: Transform, download: bool, strict: bool = False):
+    """Your own images: ``root/train/<class>/`` and ``root/val/<class>/``, or ``root/<class>/`` split
+    into train and val (``FOLDER_VAL_FRACTION`` of each class, drawn with ``FOLDER_SPLIT_SEED``)."""
+    root = Path(root)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        train, classes, skipped = scan_image_folder(root / "train", strict=strict)
+        test, _, skipped_test = scan_image_folder(root / "val", classes, strict=strict)
+        skipped += skipped_test
+    else:
+        samples, classes, skipped = scan_image_folder(root, strict=strict)
+        train, test = [], []
+        shuffle = random.Random(FOLDER_SPLIT_SEED)
+        for label in range(len(classes)):
+            mine = [s for s in samples if s[1] == label]
+            shuffle.shuffle(mine)
+            held_out = min(len(mine) - 1, max(1, round(len(mine) * FOLDER_VAL_FRACTION))) if len(mine) > 1 else 0
+            test, train = test + mine[:held_out], train + mine[held_out:]
+    empty = [classes[k] for k in range(len(classes)) if not any(label == k for _, label in train)]
+    if empty:
+        raise ValueError(f"no readable training image for class {', '.join(empty)} in {root}")
+    train_ds, test_ds = ImageFolderDataset(train, classes, train_tf), ImageFolderDataset(test, classes, test_tf)
+    train_ds.skipped = test_ds.skipped = skipped
+    return train_ds, test_ds
+
+
+# --------------------------------------------------------------------------
 # Loaders: (root, train transform, test transform, download) -> (train, test)
 # --------------------------------------------------------------------------
 def _require_scipy(name: str) -> None:
@@ -322,8 +427,9 @@ def _spec(name: str) -> DatasetInfo:
 
 
 def recipe(name: str) -> dict[str, float]:
-    """TinyTL's initial learning rate and label smoothing for ``name``."""
-    spec = _spec(name)
+    """TinyTL's initial learning rate and label smoothing for ``name`` (your own data, ``folder`` or
+    ``custom``: CIFAR's, a starting point)."""
+    spec = _spec(FOLDER_DATASET if name == CUSTOM_DATASET else name)
     return {"lr": spec.lr, "label_smoothing": spec.label_smoothing}
 
 
@@ -334,6 +440,13 @@ def _how_to_get(spec: DatasetInfo) -> str:
             + spec.manual_steps)
 
 
+def require_dataset(name: str, root: str | Path, download: bool = False) -> None:
+    """FileNotFoundError, with how to get it, when ``name`` is neither on disk nor to be downloaded."""
+    spec = _spec(name)
+    if spec.folder is not None and not (download and spec.downloadable):
+        _require_local(name, spec, Path(root).expanduser())
+
+
 def _require_local(name: str, spec: DatasetInfo, root: Path) -> None:
     """Fail early, with instructions, when a dataset's folder is absent."""
     path = root / spec.folder
@@ -342,13 +455,35 @@ def _require_local(name: str, spec: DatasetInfo, root: Path) -> None:
             f"dataset {name!r} not found: looked for {path}. {_how_to_get(spec)}")
 
 
-def build_datasets(name: str, root: str | Path, resolution: int = 224,
-                   download: bool = False) -> tuple[Dataset, Dataset, int]:
+NETWORK_ERRORS = (URLError, HTTPException, ConnectionError, TimeoutError, socket.gaierror)
+
+
+def download_failed(what: str, error: BaseException, manual: str) -> ValueError:
+    """One message for a download that could not reach its server: why, and how to place files by hand."""
+    reason = " ".join(str(getattr(error, "reason", error)).split()) or type(error).__name__
+    return ValueError(f"cannot download {what} ({reason}): this machine looks offline, or the server "
+                      f"refused. Place the files by hand instead: {manual}")
+
+
+def remove_new_empty_folders(path: Path, existed: Path) -> None:
+    """Remove the empty folders from ``path`` up to, not including, ``existed`` (a failed download's)."""
+    while path != existed and existed in path.parents:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        elif path.exists():
+            return
+        path = path.parent
+
+
+def build_datasets(name: str, root: str | Path, resolution: int = 224, download: bool = False,
+                   strict_data: bool = False) -> tuple[Dataset, Dataset, int]:
     """Return ``(train_ds, test_ds, num_classes)`` with TinyTL's transforms.
 
-    ``root`` is the folder that holds (or will receive) the dataset's own
-    sub-folder; the bundled offline tasks ignore it. Nothing is downloaded
-    unless ``download`` is true.
+    ``root`` is the folder that holds (or will receive) the dataset's own sub-folder; the
+    bundled offline tasks ignore it, the ``folder`` dataset reads its class folders there.
+    Nothing is downloaded unless ``download`` is true; a download that cannot reach its
+    server is a ValueError saying how to place the files by hand, and leaves no new folder.
+    ``strict_data``: an unreadable image of the ``folder`` dataset is an error, not a warning.
     """
     spec = _spec(name)
     if resolution <= 0:
@@ -357,12 +492,19 @@ def build_datasets(name: str, root: str | Path, resolution: int = 224,
     if spec.folder is not None and not download:
         _require_local(name, spec, root)
     loader = globals()[spec.loader]  # the load_* function of this module that spec names
+    options = {"strict": strict_data} if name == FOLDER_DATASET else {}
+    target = root / (spec.folder or "")
+    existed = next(p for p in (target, *target.parents) if p.exists())
     try:
-        train_ds, test_ds = loader(root, train_transform(resolution), test_transform(resolution), download)
+        train_ds, test_ds = loader(root, train_transform(resolution), test_transform(resolution), download,
+                                   **options)
+    except NETWORK_ERRORS as err:
+        remove_new_empty_folders(target, existed)
+        raise download_failed(f"dataset {name!r}", err, f"{spec.manual_steps} (under {target})") from err
     except RuntimeError as err:  # torchvision's "not found or corrupted"
         if spec.folder is None:
             raise
         raise FileNotFoundError(
             f"dataset {name!r} in {root / spec.folder} is incomplete or corrupted "
             f"({err}). {_how_to_get(spec)}") from err
-    return train_ds, test_ds, spec.num_classes
+    return train_ds, test_ds, spec.num_classes or len(train_ds.classes)

@@ -19,11 +19,14 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .choices import BLOCK_METHODS, DEFAULT_BLOCKS, LAUNCHERS, METHODS, check_choice
+from .data import require_dataset
 from .train import TrainConfig, atomic_write_bytes, atomic_write_json, train_or_resume
 
 TABLE3_METHODS = ("ft-all", "ft-last", "ft-bn", "ft-bias", "ft-blocks", "mobiletl", "tinytl-lite-residual")
@@ -138,34 +141,91 @@ def torchrun_command(config: TrainConfig, out: str | os.PathLike, processes: int
 
 def run_grid(grid: Grid, out: str | os.PathLike, *, launcher: str = "local", processes: int = 1,
              executor_options: dict | None = None, data_root: str | os.PathLike = "data",
-             download: bool = False, device: str | None = None, progress: bool = True) -> list[dict]:
+             download: bool = False, device: str | None = None, progress: bool = True,
+             retry_failed: bool = False, report=None) -> list[dict]:
     """Run every unfinished point of ``grid`` under ``out`` and write the table and plot there.
 
     ``launcher``: ``local`` (here, one run after another) or ``submitit``; ``executor_options``
     go to ``submitit.AutoExecutor`` (``cluster``: ``local``, ``slurm`` ...) and its
     ``update_parameters`` (``timeout_min``, ``slurm_partition`` ...). ``processes`` > 1 starts
-    each run with torchrun. Returns the per-run summaries.
+    each run with torchrun. A run that fails (diverges, runs out of memory ...) is named,
+    recorded in ``<out>/failed.json`` and in the table, and the grid goes on; later calls
+    leave it failed unless ``retry_failed``. ``report`` receives one line per run started and
+    finished ("run i of N", time left). Returns the per-run summaries.
     """
     check_choice("launcher", launcher, LAUNCHERS)
+    report = report or (lambda line: None)
     configs = grid.runs()
     out = Path(out)
     options = {"data_root": str(data_root), "download": download, "device": device, "progress": progress}
-    todo = [c for c in configs if finished_summary(run_dir(out, c), c) is None]
+    failed = read_failures(out)
+    if retry_failed:
+        failed = {}
+    todo = [c for c in configs if finished_summary(run_dir(out, c), c) is None and c.run_name() not in failed]
+    for dataset in dict.fromkeys(c.dataset for c in todo):  # a missing dataset fails the grid, not each run
+        require_dataset(dataset, data_root, download)
+    skipped = sum(c.run_name() in failed for c in configs)
+    if skipped:
+        report(f"{skipped} run(s) failed before and are left out; --retry-failed runs them again")
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     if launcher == "local":
-        for config in todo:
-            if processes > 1:
-                import subprocess
-                subprocess.run(torchrun_command(config, run_dir(out, config), processes, options), check=True)
-            else:
-                run_one(dataclasses.asdict(config), str(run_dir(out, config)), options)
+        started, total = time.monotonic(), len(todo)
+        for i, config in enumerate(todo, 1):
+            report(f"run {i} of {total}: {config.run_name()}" + _time_left(started, i - 1, total))
+            try:
+                if processes > 1:
+                    subprocess.run(torchrun_command(config, run_dir(out, config), processes, options), check=True)
+                    summary = finished_summary(run_dir(out, config), config)
+                else:
+                    summary = run_one(dataclasses.asdict(config), str(run_dir(out, config)), options)
+            except Exception as error:  # noqa: BLE001 - any failure of one run is recorded, the grid goes on
+                failed[config.run_name()] = _failure(config, error)
+                _write_failures(out, failed)
+                report(f"run {i} of {total} FAILED: {config.run_name()}: {' '.join(str(error).split())[:300]}")
+                continue
+            failed.pop(config.run_name(), None)
+            _write_failures(out, failed)
+            report(f"run {i} of {total} done: {config.run_name()}: test top-1 {summary['final']['test_top1']:.2f}%"
+                   f" in {time.monotonic() - started:.0f} s so far")
     elif todo:
-        _submit(todo, out, processes, dict(executor_options or {}), {**options, "progress": False})
+        _submit(todo, out, processes, dict(executor_options or {}), {**options, "progress": False}, failed, report)
+        _write_failures(out, failed)
     summaries = collect(grid, out)
-    write_results(results_table(summaries), out)
+    write_results(results_table(summaries, failures_of(grid, out)), out)
     return summaries
 
 
-def _submit(configs: list[TrainConfig], out: Path, processes: int, executor_options: dict, options: dict):
+def _time_left(started: float, done: int, total: int) -> str:
+    if not done:
+        return ""
+    left = (time.monotonic() - started) / done * (total - done)
+    return f" (about {left / 60:.0f} min left)" if left >= 90 else f" (about {left:.0f} s left)"
+
+
+def _failure(config: TrainConfig, error: BaseException) -> dict:
+    return {"config": dataclasses.asdict(config), "error": f"{type(error).__name__}: {' '.join(str(error).split())}"}
+
+
+def read_failures(out: str | os.PathLike) -> dict:
+    """Run name -> {config, error} of the grid's failed runs (``<out>/failed.json``)."""
+    path = Path(out) / "failed.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_failures(out: Path, failed: dict) -> None:
+    if failed or (out / "failed.json").exists():
+        atomic_write_json(out / "failed.json", failed)
+
+
+def failures_of(grid: Grid, out: str | os.PathLike) -> list[dict]:
+    """The failure records of the grid's runs that failed and have not finished since."""
+    failed = read_failures(out)
+    return [failed[c.run_name()] for c in grid.runs()
+            if c.run_name() in failed and finished_summary(run_dir(out, c), c) is None]
+
+
+def _submit(configs: list[TrainConfig], out: Path, processes: int, executor_options: dict, options: dict,
+            failed: dict, report):
     try:
         import submitit
     except ImportError as error:
@@ -183,8 +243,12 @@ def _submit(configs: list[TrainConfig], out: Path, processes: int, executor_opti
                 jobs.append(executor.submit(command))
             else:
                 jobs.append(executor.submit(run_one, dataclasses.asdict(config), str(directory), options))
-    for job in jobs:
-        job.result()  # raises if a run failed, with the job's own error
+    for config, job in zip(configs, jobs):
+        try:
+            job.result()  # raises if the run failed, with the job's own error
+        except Exception as error:  # noqa: BLE001 - recorded, the other jobs go on
+            failed[config.run_name()] = _failure(config, error)
+            report(f"FAILED: {config.run_name()}: {' '.join(str(error).split())[:300]}")
 
 
 def collect(grid: Grid, out: str | os.PathLike) -> list[dict]:
@@ -198,11 +262,14 @@ def collect(grid: Grid, out: str | os.PathLike) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 TABLE_COLUMNS = ("dataset", "model", "method", "blocks", "seeds", "top1_mean", "top1_std",
                  "stored_activation_mb", "peak_memory_mb", "analytic_memory_mb", "training_mflops",
-                 "trainable_parameters")
+                 "trainable_parameters", "failed_seeds")
 
 
-def results_table(summaries: list[dict]) -> list[dict]:
+def results_table(summaries: list[dict], failures: list[dict] = ()) -> list[dict]:
     """One row per (dataset, model, method, blocks): top-1 mean and sample std over seeds.
+
+    ``failures`` (from :func:`failures_of`) are listed in ``failed_seeds``; a group whose runs
+    all failed has a row with no accuracy or memory.
 
     Measured: stored activations (``measure.saved_activations``, one batch) and peak memory
     (process peak RSS, or CUDA peak allocated), averaged over seeds. Analytic, from
@@ -213,8 +280,19 @@ def results_table(summaries: list[dict]) -> list[dict]:
     for s in summaries:
         c = s["config"]
         groups.setdefault((c["dataset"], c["model"], c["method"], c["blocks"]), []).append(s)
+    failed_seeds: dict[tuple, list[int]] = {}
+    for f in failures:
+        c = f["config"]
+        key = (c["dataset"], c["model"], c["method"], c["blocks"])
+        failed_seeds.setdefault(key, []).append(c["seed"])
+        groups.setdefault(key, [])
     rows = []
     for (dataset, model, method, blocks), members in groups.items():
+        seeds = " ".join(map(str, sorted(failed_seeds.get((dataset, model, method, blocks), []))))
+        if not members:
+            rows.append({**dict.fromkeys(TABLE_COLUMNS), "dataset": dataset, "model": model, "method": method,
+                         "blocks": blocks, "seeds": 0, "failed_seeds": seeds})
+            continue
         accuracies = [m["final"]["test_top1"] for m in members]
         mean, std = statistics.mean(accuracies), statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
         config = members[0]["config"]
@@ -225,7 +303,7 @@ def results_table(summaries: list[dict]) -> list[dict]:
             "stored_activation_mb": round(statistics.mean(m["stored_activation_bytes"] for m in members) / 1e6, 3),
             "peak_memory_mb": round(statistics.mean(m["final"]["peak_memory_bytes"] for m in members) / 1e6, 1),
             "analytic_memory_mb": analytic[0], "training_mflops": analytic[1],
-            "trainable_parameters": members[0]["trainable_parameters"],
+            "trainable_parameters": members[0]["trainable_parameters"], "failed_seeds": seeds,
         })
     return rows
 
@@ -247,10 +325,12 @@ def markdown_table(rows: list[dict]) -> str:
             "| analytic mem. (MB) | train MFLOPs | trainable params |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
+        failed = f" (failed: seed {r['failed_seeds']})" if r.get("failed_seeds") else ""
+        top1 = "failed" if r["top1_mean"] is None else f"{r['top1_mean']:.2f} ± {r['top1_std']:.2f}{failed}"
         lines.append(f"| {r['dataset']} | {r['model']} | {r['method']} | {r['blocks'] or '-'} | {r['seeds']} "
-                     f"| {r['top1_mean']:.2f} ± {r['top1_std']:.2f} | {r['stored_activation_mb']:.2f} "
-                     f"| {r['peak_memory_mb']:.0f} | {_or_dash(r['analytic_memory_mb'], '.2f')} "
-                     f"| {_or_dash(r['training_mflops'], '.1f')} | {r['trainable_parameters']:,} |")
+                     f"| {top1} | {_or_dash(r['stored_activation_mb'], '.2f')} "
+                     f"| {_or_dash(r['peak_memory_mb'], '.0f')} | {_or_dash(r['analytic_memory_mb'], '.2f')} "
+                     f"| {_or_dash(r['training_mflops'], '.1f')} | {_or_dash(r['trainable_parameters'], ',')} |")
     return "\n".join(lines)
 
 
@@ -258,8 +338,9 @@ def _or_dash(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def write_results(rows: list[dict], out: str | os.PathLike) -> None:
-    """``results.csv``, ``results.md``, ``results.json`` and ``accuracy_vs_memory.png`` in ``out``."""
+def write_results(rows: list[dict], out: str | os.PathLike) -> list[str]:
+    """``results.csv``, ``results.md``, ``results.json`` and (with finished runs) ``accuracy_vs_memory.png``
+    in ``out``; returns the names of the files written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = io.StringIO()
@@ -269,8 +350,14 @@ def write_results(rows: list[dict], out: str | os.PathLike) -> None:
     atomic_write_bytes(out / "results.csv", text.getvalue().encode())
     atomic_write_bytes(out / "results.md", (markdown_table(rows) + "\n").encode())
     atomic_write_json(out / "results.json", rows)
-    if rows:
-        plot_accuracy_vs_memory(rows).savefig(out / "accuracy_vs_memory.png", dpi=120, bbox_inches="tight")
+    written = ["results.csv", "results.md", "results.json"]
+    finished = [r for r in rows if r["top1_mean"] is not None]
+    if finished:
+        plot = io.BytesIO()
+        plot_accuracy_vs_memory(finished).savefig(plot, format="png", dpi=120, bbox_inches="tight")
+        atomic_write_bytes(out / "accuracy_vs_memory.png", plot.getvalue())
+        written.append("accuracy_vs_memory.png")
+    return written
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

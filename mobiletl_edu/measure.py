@@ -322,7 +322,7 @@ def _build_step(spec: dict, device: str):
         batch, resolution, classes = (spec.get(k, d) for k, d in (("batch", 8), ("resolution", 224), ("classes", 10)))
         check_positive(batch=batch, resolution=resolution, classes=classes)
         module = prepare(spec["model"], spec["method"], spec.get("blocks"), num_classes=classes,
-                         frozen_precision=spec.get("frozen_precision", "int8"),
+                         frozen_precision=spec.get("frozen_precision", "int8"), resolution=resolution,
                          bottom_chunk=spec.get("bottom_chunk")).model
         shape, targets = (batch, 3, resolution, resolution), torch.randint(0, classes, (batch,))
     else:

@@ -27,8 +27,7 @@ from torchvision.ops.misc import SqueezeExcitation
 
 from .choices import (BLOCK_METHODS, FROZEN_BOTTOM_METHODS, GLOBAL_METHODS, METHODS, MOBILETL_FULL_BN,  # noqa: F401
                       PRECISIONS, SINGLE_BLOCK_METHODS, check_choice)
-from .models import (RESNET_BLOCKS, Unit, build_model, check_positive, find_units, has_squeeze_excitation, norm_roles,
-                     set_submodule)
+from .models import RESNET_BLOCKS, Unit, build_model, check_positive, find_units, has_squeeze_excitation, norm_roles, set_submodule
 from .ops import ShiftOnlyBatchNorm2d, SignHardswish, SignReLU, SignReLU6
 from .quant import FrozenLayer, freeze_layers
 
@@ -42,27 +41,31 @@ class Prepared(NamedTuple):
 
 def prepare(model, method: str, blocks: int | None = None, *, num_classes: int = 1000,
             lr: float = 3e-4, frozen_precision: str = "int8", optimize_bottom: bool = True,
-            bottom_chunk: int | None = None) -> Prepared:
+            resolution: int = 224, bottom_chunk: int | None = None) -> Prepared:
     """Turn ``model`` (a module, or a name from ``MODEL_NAMES``) into a fine-tuning setup.
 
     Returns the model (modified in place) and an Adam optimizer over its trainable parameters.
     ``optimize_bottom=False`` leaves the frozen bottom's BNs and layout as they are (for comparison).
+    ``resolution`` (the input side) sizes TinyTL's patches; the other methods do not use it.
     ``bottom_chunk=c`` runs the frozen bottom ``c`` samples at a time (see ``set_bottom_chunk``).
     """
     if bottom_chunk is not None:
         check_bottom_chunk(bottom_chunk, method)
-    if isinstance(model, str):
-        model = build_model(model, num_classes)
     check_choice("method", method, METHODS)
     check_choice("frozen_precision", frozen_precision, PRECISIONS)
+    if isinstance(model, str):
+        model = build_model(model, num_classes)
+    _refuse_prepared(model)
     units = find_units(model)
     top = _top_blocks(units, method, blocks)
+    check_positive(resolution=resolution)
 
     for p in model.parameters():
         p.requires_grad_(False)
     _choose_trainable(model, units, top, method)
+    geometry = _block_geometry(model, [u.path for u in top], resolution) if "tinytl" in method else None
     for unit in top:
-        _rebuild_block(model, unit, method)
+        _rebuild_block(model, unit, method, geometry)
     _freeze_rest(model, frozen_precision)
     if optimize_bottom:
         _optimize_bottom(model, frozen_bottom(model, units))
@@ -84,6 +87,19 @@ def prepare_block(block: nn.Module, method: str, frozen_precision: str = "int8")
     _rebuild_block(block, Unit("", "block"), method)  # path "": the block is its own root
     _freeze_rest(block, frozen_precision)
     return block.train()
+
+
+PREPARED_LAYERS = (FrozenLayer, ShiftOnlyBatchNorm2d, SignHardswish, SignReLU6, SignReLU)
+
+
+def _refuse_prepared(model: nn.Module) -> None:
+    """prepare() changes a model in place: a second call would mix two setups (wrong trainable set)."""
+    changed = next((name for name, m in model.named_modules()
+                    if isinstance(m, (*PREPARED_LAYERS, LiteResidual))), None)
+    if changed is not None:
+        raise ValueError(f"this model was already changed by prepare() ({changed or 'the model'} is a "
+                         f"{type(model.get_submodule(changed)).__name__}); prepare a fresh model: "
+                         f"build_model(name) and load its weights again, or mobiletl_edu.load_trained(run)")
 
 
 def _top_blocks(units: list[Unit], method: str, blocks) -> list[Unit]:
@@ -120,13 +136,13 @@ def _choose_trainable(model: nn.Module, units: list[Unit], top: list[Unit], meth
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.requires_grad_(True)
-    elif method in BLOCK_METHODS and method != "tinytl-lite-residual":  # top blocks + fusion (Fig. 4)
+    elif method in BLOCK_METHODS:  # top blocks + fusion (Fig. 4); TinyTL's patches alone: fusion only
         for u in units:
-            if u.role == "fusion" or u in top:
+            if u.role == "fusion" or (u in top and method != "tinytl-lite-residual"):
                 train(model.get_submodule(u.path))
 
 
-def _rebuild_block(model: nn.Module, unit: Unit, method: str) -> None:
+def _rebuild_block(model: nn.Module, unit: Unit, method: str, geometry: dict | None = None) -> None:
     block = model.get_submodule(unit.path)
     is_irb = not isinstance(block, RESNET_BLOCKS)
     if method in MOBILETL_FULL_BN or method == "mobiletl+tinytl-lite-residual":
@@ -149,7 +165,7 @@ def _rebuild_block(model: nn.Module, unit: Unit, method: str) -> None:
                              f"{unit.path} is a {type(block).__name__}")
         _replace_activations(block, lambda m: nn.ReLU())
     if "tinytl-lite-residual" in method:
-        set_submodule(model, unit.path, LiteResidual(block))
+        set_submodule(model, unit.path, LiteResidual(block, *geometry[unit.path]))
 
 
 def _replace_activations(block: nn.Module, make) -> None:
@@ -211,11 +227,23 @@ def _optimize_bottom(model: nn.Module, bottom: list[Unit]) -> None:
                 if (isinstance(conv, FrozenLayer) and conv.conv_args is not None
                         and not conv.folded_batchnorm and isinstance(bn, ShiftOnlyBatchNorm2d)):
                     conv.absorb_batchnorm(bn)
-                    setattr(seq, name, nn.Identity())
+                    setattr(seq, name, FoldedBatchNorm(bn))
         for m in module.modules():
             if isinstance(m, FrozenLayer):
                 m.use_channels_last()
     model.get_submodule(bottom[-1].path).register_forward_hook(_contiguous_output)
+
+
+class FoldedBatchNorm(nn.Identity):
+    """Where a BatchNorm was before ``prepare`` folded it into the conv before it: passes its input
+    on, and remembers the BN's size and eps so that ``export.plain_model`` can put a BN back."""
+
+    def __init__(self, bn: nn.Module):
+        super().__init__()
+        self.num_features, self.eps = bn.num_features, bn.eps
+
+    def extra_repr(self):
+        return f"{self.num_features}, eps={self.eps}, folded into the conv before it"
 
 
 def _contiguous_output(module, args, output):
@@ -309,33 +337,71 @@ class _ChunkedBottom:
         return type(module).forward(module, x)
 
 
-class LiteResidual(nn.Module):
-    """TinyTL's lite residual patch around a block (Cai et al. 2020, Section 3.2).
+# TinyTL's lite residual patch (Cai et al. 2020, Section 3.2, and its released code): the input
+# is average-pooled by 2, convolved by a grouped kxk conv (2 groups) and a 1x1 conv, each
+# followed by group normalization (8 channels a group), upsampled and added to the block's
+# output. The kernel shrinks with the resolution the patch sees: 5x5, or the largest odd size
+# that fits the pooled map; where pooling by 2 leaves one pixel or less, the patch pools
+# globally and its first conv is 1x1.
+PATCH_MAX_KERNEL, PATCH_GROUPS, PATCH_POOL, PATCH_NORM_GROUP = 5, 2, 2, 8
 
-    patch(x) = upsample(BN(conv1x1(ReLU(BN(groupconv5x5(avgpool2(x))))))) is added to the
-    block's output; the patch's last BN scale starts at zero, so the patched model starts equal
-    to the pretrained one.
+
+class LiteResidual(nn.Module):
+    """A block plus TinyTL's lite residual patch: ``main(x) + upsample(patch(x))``.
+
+    ``resolution`` is the side of the block's input map and ``stride`` the block's stride; they
+    set the patch's kernel and pooling (see ``PATCH_MAX_KERNEL``). The patch's width is the
+    block's input width, as TinyTL's; for a block that narrows first (a ResNet bottleneck) it is
+    the narrower width of the block's first conv, so a patch never outweighs a ResNet stage. The
+    last normalization's scale starts at zero: the patched model starts equal to the original.
     """
 
-    def __init__(self, main: nn.Module, kernel_size: int = 5, groups: int = 2):
+    def __init__(self, main: nn.Module, resolution: int, stride: int = 1):
         super().__init__()
         convs = [m for m in main.modules() if isinstance(m, nn.Conv2d)]
         c_in, c_out = convs[0].in_channels, convs[-1].out_channels
-        groups = groups if c_in % groups == 0 else 1
+        width = min(c_in, convs[0].out_channels)
+        pooled = max(1, resolution // PATCH_POOL)
+        kernel = 1 if pooled == 1 else max(k for k in range(1, PATCH_MAX_KERNEL + 1, 2) if k <= pooled)
         self.main = main
         self.patch = nn.Sequential(
-            nn.AvgPool2d(2, ceil_mode=True),
-            nn.Conv2d(c_in, c_in, kernel_size, padding=kernel_size // 2, groups=groups, bias=False),
-            nn.BatchNorm2d(c_in),
+            nn.AdaptiveAvgPool2d(1) if pooled == 1 else nn.AvgPool2d(PATCH_POOL),
+            nn.Conv2d(c_in, width, kernel, stride=1 if pooled == 1 else stride, padding=kernel // 2,
+                      groups=PATCH_GROUPS if c_in % PATCH_GROUPS == 0 == width % PATCH_GROUPS else 1, bias=False),
+            _group_norm(width),
             nn.ReLU(),
-            nn.Conv2d(c_in, c_out, 1, bias=False),
-            nn.BatchNorm2d(c_out),
+            nn.Conv2d(width, c_out, 1, bias=False),
+            _group_norm(c_out),
         )
         nn.init.zeros_(self.patch[-1].weight)
 
     def forward(self, x):
         out = self.main(x)
         return out + F.interpolate(self.patch(x), size=out.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    """TinyTL's group normalization: groups of 8 channels (one group if 8 does not divide)."""
+    return nn.GroupNorm(channels // PATCH_NORM_GROUP if channels % PATCH_NORM_GROUP == 0 else 1, channels)
+
+
+def _block_geometry(model: nn.Module, paths: list[str], resolution: int) -> dict[str, tuple[int, int]]:
+    """(input side, stride) of each block in ``paths``, from one eval-mode forward pass on zeros."""
+    found, handles = {}, []
+    for path in paths:
+        def record(module, args, output, path=path):
+            side = min(args[0].shape[-2:])
+            found[path] = (side, max(1, round(side / min(output.shape[-2:]))))
+        handles.append(model.get_submodule(path).register_forward_hook(record))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, resolution, resolution))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return found
 
 
 def describe_layer(m: nn.Module) -> str | None:

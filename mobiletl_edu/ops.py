@@ -30,7 +30,8 @@ _SHIFTS = (7, 6, 5, 4, 3, 2, 1, 0)
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a boolean tensor of any shape into ``ceil(numel / 8)`` uint8 bytes (MSB first)."""
-    flat = mask.reshape(-1).to(torch.bool).view(torch.uint8)
+    # contiguous(): a view whose flat form is not unit-stride (a slice, a transpose) is copied
+    flat = mask.reshape(-1).to(torch.bool).contiguous().view(torch.uint8)
     pad = (-flat.numel()) % 8
     if pad or flat.storage_offset() % 8:  # a fresh tensor: whole, aligned 8-byte words
         flat = torch.cat([flat, flat.new_zeros(pad)])

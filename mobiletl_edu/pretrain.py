@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 import torchvision
 
-from .choices import SOURCE_DATASET
-from .train import (SOURCE_CHECKPOINT, SOURCE_MODEL, TrainConfig, atomic_write_bytes, atomic_write_json,
-                    file_sha256, read_state_dict, train_or_resume)
+from .choices import PRETRAIN_OUT, SOURCE_DATASET
+from .data import remove_new_empty_folders
+from .train import (SOURCE_MODEL, TrainConfig, atomic_write_bytes, atomic_write_json, check_out,  # noqa: F401
+                    file_sha256, read_state_dict, train_or_resume, verify_source_checkpoint)
 
 # The recipe of the shipped checkpoint (its provenance JSON records the exact command).
 PRETRAIN_EPOCHS, PRETRAIN_BATCH_SIZE, PRETRAIN_LR, PRETRAIN_RESOLUTION = 30, 32, 2e-3, 64
@@ -51,7 +52,7 @@ def command_line(config: TrainConfig, out: str | os.PathLike) -> str:
     return line + (f" --limit {config.limit}" if config.limit is not None else "")
 
 
-def pretrain(out: str | os.PathLike = "runs/source/offline_source_mobilenet_v3_small.pt",
+def pretrain(out: str | os.PathLike = PRETRAIN_OUT,
              config: TrainConfig | None = None, *, work_dir: str | os.PathLike | None = None,
              progress: bool = True) -> dict:
     """Train ``config`` (default :func:`pretrain_config`) and write its weights to ``out``.
@@ -63,12 +64,18 @@ def pretrain(out: str | os.PathLike = "runs/source/offline_source_mobilenet_v3_s
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --out (nothing was overwritten)")
+    check_out(out, create_parents=out == Path(PRETRAIN_OUT))
     work_dir = Path(work_dir) if work_dir is not None else out.with_name(out.stem + "-run")
-    summary = train_or_resume(config, work_dir, progress=progress)
+    existed = next(p for p in (out.parent, *out.parents) if p.exists())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = train_or_resume(config, work_dir, progress=progress)
+    except BaseException:
+        remove_new_empty_folders(out.parent, existed)  # a run that kept nothing leaves no folder
+        raise
     state = read_state_dict(work_dir / "checkpoint.pt")  # an ft-all model is a plain state_dict
     buffer = io.BytesIO()
     torch.save({k: v.clone().contiguous() for k, v in state.items()}, buffer)
-    out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, buffer.getvalue())
     record = {
         "command": command_line(config, out),
@@ -88,13 +95,4 @@ def pretrain(out: str | os.PathLike = "runs/source/offline_source_mobilenet_v3_s
                 "back from the command with the same torch build, CPU and thread count",
     }
     atomic_write_json(provenance_path(out), record)
-    return record
-
-
-def verify_source_checkpoint(path: str | os.PathLike = SOURCE_CHECKPOINT) -> dict:
-    """The provenance of ``path``, after checking that the file's sha256 is the recorded one."""
-    record = json.loads(provenance_path(path).read_text())
-    actual = file_sha256(path)
-    if actual != record["sha256"]:
-        raise ValueError(f"{path} has sha256 {actual}, its provenance records {record['sha256']}")
     return record

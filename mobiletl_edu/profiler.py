@@ -180,10 +180,12 @@ def _batch_norm(c, cv):
 
 
 def _group_norm(c, cv):
-    n, groups = c.x.numel(), c.x.shape[0] * c.module.num_groups
+    """GroupNorm (TinyTL's patches): per-sample statistics, so it always normalizes like a training BN."""
+    n, m = c.x.numel(), c.module
     in_graph = c.x_grad or c.trains("weight") or c.trains("bias")
     if cv.storage == "pytorch":
-        stored = [_full(c.x, "input"), (object(), 2 * groups * 4, "group mean and 1/std")] if in_graph else []
+        stored = [_full(c.x, "input"), (object(), 2 * c.x.shape[0] * m.num_groups * 4, "group statistics")] \
+            if in_graph else []
     else:
         stored = [_full(c.x, "input")] if c.trains("weight") else []
     return Cost(stored, forward=8 * n, backward_input=8 * n if c.input_gradient(cv) else 0,
@@ -1102,7 +1104,7 @@ def profile_model(model: str | nn.Module, method: str, blocks: int | None = None
     """
     check_positive(batch=batch, resolution=resolution, classes=classes)
     prepared = prepare(model, method, blocks, num_classes=classes, frozen_precision=frozen_precision,
-                       optimize_bottom=optimize_bottom, bottom_chunk=bottom_chunk)
+                       optimize_bottom=optimize_bottom, resolution=resolution, bottom_chunk=bottom_chunk)
     return profile(prepared.model, (batch, 3, resolution, resolution), convention=convention, threads=threads)
 
 

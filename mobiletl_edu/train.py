@@ -32,8 +32,13 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import math
 import random
+import re
+import shlex
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,10 +49,10 @@ import numpy as np
 import torch
 import torchvision
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from .choices import (DATASET_NAMES, DEFAULT_BLOCKS, DEFAULT_DATASET, METHODS, MODEL_NAMES,  # noqa: F401
+from .choices import (CUSTOM_DATASET, DATASET_NAMES, DEFAULT_BLOCKS, DEFAULT_DATASET, METHODS, MODEL_NAMES,  # noqa: F401
                       OFFLINE_DATASETS, PRECISIONS, SOURCE_DATASET, WEIGHT_NAMES, check_choice)
 from .data import build_datasets, recipe
 from .measure import max_rss_bytes, reset_peak_rss, resident_bytes, saved_activations
@@ -94,7 +99,7 @@ class TrainConfig:
         """Check every value and fill in the dataset's defaults."""
         check_choice("model", self.model, MODEL_NAMES)
         check_choice("method", self.method, METHODS)
-        check_choice("dataset", self.dataset, DATASET_NAMES)
+        check_choice("dataset", self.dataset, (*DATASET_NAMES, CUSTOM_DATASET))
         check_choice("frozen_precision", self.frozen_precision, PRECISIONS)
         offline = self.dataset in OFFLINE_DATASETS
         defaults = recipe(self.dataset)
@@ -138,12 +143,21 @@ def _default(value, default):
 # Weights
 # ---------------------------------------------------------------------------------------------
 def read_checkpoint(path: str | os.PathLike):
-    """``torch.load(path, weights_only=True)`` with one clear error for a corrupt file."""
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never a pickle
+    that could run code; one clear error for a corrupt file or one holding other objects."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # not an object it refused: garbage bytes
+            raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or not saved by "
+                             f"torch.save)") from error
+        # weights_only refused an object: say so in our words, without torch's advice to switch it off
+        raise ValueError(f"refused to load {path}: it holds Python objects besides tensors, and unpickling "
+                         f"them could run code. mobiletl-edu loads only tensors and plain containers; save "
+                         f"weights with torch.save(model.state_dict(), PATH)") from error
     except Exception as error:  # torch raises several types for a truncated or foreign file
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{path} is not a readable PyTorch checkpoint (corrupt, truncated or not "
@@ -151,15 +165,14 @@ def read_checkpoint(path: str | os.PathLike):
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:
-    """The plain ``state_dict`` in ``path``: a bare one, one under ``"state_dict"``, or the model
-    of an ``ft-all`` run checkpoint (its model is plain); ``module.`` prefixes (DDP) are removed."""
+    """The plain ``state_dict`` in ``path``: a bare one, one under ``"state_dict"``, or the
+    fine-tuned model of a run (its folder or ``checkpoint.pt``) turned back into a plain network
+    (``mobiletl_edu.export.plain_model``); ``module.`` prefixes (DDP) are removed."""
+    path = run_checkpoint_path(path)
     loaded = read_checkpoint(path)
     if isinstance(loaded, dict) and loaded.get("format") == RUN_FORMAT:
-        method = loaded["config"]["method"]
-        if method != "ft-all":
-            raise ValueError(f"{path} is a training checkpoint of a {method!r} run, whose frozen layers "
-                             f"are int8; continue it with --resume --out DIR, or start from plain weights")
-        loaded = loaded["model"]
+        from .export import plain_model
+        loaded = plain_model(load_trained(path)[0]).state_dict()
     elif isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not (isinstance(loaded, dict) and loaded
@@ -168,6 +181,25 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     if all(k.startswith("module.") for k in loaded):
         loaded = {k[len("module."):]: v for k, v in loaded.items()}
     return loaded
+
+
+def run_checkpoint_path(path: str | os.PathLike) -> Path:
+    """``path`` itself, or ``path/checkpoint.pt`` when ``path`` is a run folder."""
+    path = Path(path)
+    return path / "checkpoint.pt" if path.is_dir() else path
+
+
+def verify_source_checkpoint(path: str | os.PathLike = SOURCE_CHECKPOINT) -> dict:
+    """The provenance record of the shipped source checkpoint, after checking that the file's sha256
+    is the recorded one: a modified copy is refused, not silently used."""
+    path = Path(path)
+    record = json.loads(path.with_suffix(".json").read_text())
+    actual = file_sha256(path)
+    if actual != record["sha256"]:
+        raise ValueError(f"the source checkpoint {path} has been modified: its sha256 is {actual}, its "
+                         f"provenance ({path.with_suffix('.json').name}) records {record['sha256']}. Restore "
+                         f"the file (git checkout, or reinstall mobiletl-edu) or pretrain a new one")
+    return record
 
 
 def imagenet_weights_file(model_name: str) -> tuple[object, Path]:
@@ -200,17 +232,18 @@ def load_weights(model_name: str, weights: str, num_classes: int, *, new_classif
                 raise FileNotFoundError(
                     f"ImageNet weights for {model_name} are not in the torch hub cache (looked for {path}); "
                     f"pass --download (download=True) to fetch them from {imagenet.url}, or copy the file there")
-            imagenet.get_state_dict(progress=True, check_hash=True)  # downloads into the hub cache
+            _download_weights(imagenet.url, path)
     elif weights == "source":
         if model_name != SOURCE_MODEL:
             raise ValueError(f"the shipped source checkpoint is a {SOURCE_MODEL}, not a {model_name}; "
                              f"pass --weights imagenet, none or a checkpoint path")
         path = SOURCE_CHECKPOINT
+        verify_source_checkpoint(path)
     else:
-        path = Path(weights)
+        path = run_checkpoint_path(weights)
         if not path.is_file():
             raise FileNotFoundError(f"--weights {weights!r} is neither one of {', '.join(WEIGHT_NAMES)} "
-                                    f"nor an existing checkpoint file")
+                                    f"nor an existing checkpoint file or run folder")
     state = read_state_dict(path)
     classes = _checkpoint_classes(model_name, state, path)
     if not new_classifier and classes != num_classes:
@@ -225,6 +258,20 @@ def load_weights(model_name: str, weights: str, num_classes: int, *, new_classif
         path = _classifier_path(model)
         set_submodule(model, path, nn.Linear(model.get_submodule(path).in_features, num_classes))
     return model
+
+
+def _download_weights(url: str, path: Path) -> None:
+    """Fetch ``url`` into the hub cache (torch checks the hash in the file name and writes through a
+    temporary file); without a network, one error saying where to place the file by hand."""
+    from .data import NETWORK_ERRORS, download_failed, remove_new_empty_folders
+    existed = next(p for p in path.parents if p.exists())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = re.search(r"-([a-f0-9]+)\.", path.name)
+    try:
+        torch.hub.download_url_to_file(url, str(path), digest.group(1) if digest else None, progress=True)
+    except NETWORK_ERRORS as error:
+        remove_new_empty_folders(path.parent, existed)
+        raise download_failed("ImageNet weights", error, f"download {url} elsewhere and copy it to {path}") from error
 
 
 def _classifier_path(model: nn.Module) -> str:
@@ -283,7 +330,8 @@ def _prepared_model(config: TrainConfig, num_classes: int, weights: str | None, 
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = config.bn_momentum
     return prepare(model, config.method, config.blocks, num_classes=num_classes, lr=config.lr,
-                   frozen_precision=config.frozen_precision, bottom_chunk=config.bottom_chunk)
+                   frozen_precision=config.frozen_precision, resolution=config.resolution,
+                   bottom_chunk=config.bottom_chunk)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -343,6 +391,26 @@ def deterministic_mode(enabled: bool = True):
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` as a torch.device, checked against this machine (None: cuda when available)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None:
+        return torch.device("cuda" if gpus else "cpu")
+    valid = "cpu" + (f", cuda, cuda:0 ... cuda:{gpus - 1}" if gpus else "")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        chosen = None
+    if chosen is None or chosen.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; valid choices here: {valid}")
+    if chosen.type == "cuda" and not gpus:
+        raise ValueError(f"device {device!r}: this machine has no CUDA GPU that torch can use; valid choices "
+                         f"here: {valid}")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= gpus:
+        raise ValueError(f"device {device!r}: this machine has {gpus} GPU(s); valid choices here: {valid}")
+    return chosen
+
+
 @dataclass
 class Processes:
     """This process's place in a ``torchrun`` job (rank 0 of 1 without one)."""
@@ -355,18 +423,17 @@ class Processes:
     @classmethod
     def start(cls, device: str | None) -> Processes:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         if world == 1:
-            return cls(0, 1, torch.device(device))
+            return cls(0, 1, device)
         import torch.distributed as dist
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device.startswith("cuda"):
+        if device.type == "cuda":
             torch.cuda.set_device(local_rank)
-            device = f"cuda:{local_rank}"
+            device = torch.device("cuda", local_rank)
         started = not dist.is_initialized()
         if started:
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         return cls(dist.get_rank(), dist.get_world_size(), torch.device(device), started)
 
     def close(self) -> None:
@@ -463,31 +530,76 @@ def default_out(config: TrainConfig, root: str | os.PathLike = "runs") -> Path:
 # Training
 # ---------------------------------------------------------------------------------------------
 def train(config: TrainConfig | None = None, out: str | os.PathLike | None = None, *,
-          data_root: str | os.PathLike = "data", download: bool = False, device: str | None = None,
-          progress: bool = True) -> dict:
+          data: tuple[Dataset, Dataset] | None = None, classes: list[str] | None = None,
+          data_root: str | os.PathLike = "data", download: bool = False, strict_data: bool = False,
+          device: str | None = None, progress: bool = True) -> dict:
     """Run ``config`` from the start into ``out`` (a new or empty directory); return the summary.
 
-    ``data_root``, ``download`` and ``device`` say where data comes from and where it runs;
-    they do not change the result and are not part of the config.
+    ``data``: your own ``(train, test)`` datasets of ``(image tensor, label)`` pairs, for a config
+    with ``dataset="custom"``; ``classes`` names the labels (default: ``train.classes``).
+    ``data_root``, ``download``, ``strict_data`` and ``device`` say where data comes from and where
+    it runs; they do not change the result and are not part of the config. Everything is checked
+    before ``out`` is created, and a run that stops before its first epoch ends leaves nothing.
     """
     config = (config or TrainConfig()).resolved()
+    check_out(default_out(config) if out is None else Path(out), create_parents=out is None)
     out = Path(out) if out is not None else default_out(config)
-    return _fit(config, out, None, data_root=data_root, download=download, device=device, progress=progress)
+    return _fit(config, out, None, Where(data, classes, data_root, download, strict_data, device, progress))
+
+
+@dataclass
+class Where:
+    """Where a run's data comes from and how it reports: never part of its result."""
+
+    data: tuple | None = None
+    classes: list | None = None
+    data_root: str | os.PathLike = "data"
+    download: bool = False
+    strict_data: bool = False
+    device: str | None = None
+    progress: bool = True
+
+
+def check_out(out: Path, *, create_parents: bool = False) -> None:
+    """Refuse, before anything is written, an output path that cannot be created: its parent is
+    missing (only defaults such as ``runs/`` are created with their parents) or not writable."""
+    out = Path(out)
+    if not create_parents and not out.exists() and not out.parent.is_dir():
+        raise FileNotFoundError(f"cannot create {out}: its parent folder {out.parent} does not exist; "
+                                f"create it first or choose another --out")
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise NotADirectoryError(f"cannot create {out}: {existing} is a file, not a folder")
+    try:  # os.access says yes to root on a read-only file system: try it
+        os.rmdir(tempfile.mkdtemp(prefix=".mobiletl-write-check-", dir=existing))
+    except OSError as error:
+        raise PermissionError(f"cannot create {out}: the folder {existing} is not writable "
+                              f"({error.strerror}); choose another --out") from error
 
 
 def _refuse_occupied(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         what = "holds another run" if holds_run(out) else "is not an empty directory"
         raise FileExistsError(f"output directory {out} {what}; choose a new --out"
-                              + (" or pass --resume to continue it" if holds_run(out) else ""))
+                              + (f" or continue it with: {resume_command(out)}" if holds_run(out) else ""))
 
 
-def resume(out: str | os.PathLike, expected: dict | None = None, *, data_root: str | os.PathLike = "data",
-           download: bool = False, device: str | None = None, progress: bool = True) -> dict:
+def resume_command(out: Path, data_root: str | os.PathLike = "data") -> str:
+    """The command line that continues the run in ``out``."""
+    command = ["mobiletl-edu", "train", "--resume", "--out", str(out)]
+    command += ["--data-root", str(data_root)] if str(data_root) != "data" else []
+    return shlex.join(command)
+
+
+def resume(out: str | os.PathLike, expected: dict | None = None, *, data: tuple[Dataset, Dataset] | None = None,
+           classes: list[str] | None = None, data_root: str | os.PathLike = "data", download: bool = False,
+           strict_data: bool = False, device: str | None = None, progress: bool = True) -> dict:
     """Continue the run in ``out`` from its last checkpoint (or from the start if it has none).
 
     ``expected`` holds config values the caller asked for (the CLI's explicit flags); any that
-    differ from the run's own config are an error, so a resume never silently changes the run.
+    differ from the run's own config are an error, so a resume never silently changes the run,
+    with one exception: a larger ``epochs`` continues the run (finished or not) for more epochs,
+    its cosine schedule stretched to the new length from the step it has reached.
     """
     out = Path(out)
     if not (out / "config.json").is_file():
@@ -500,17 +612,21 @@ def resume(out: str | os.PathLike, expected: dict | None = None, *, data_root: s
         saved = checkpoint["config"]
     else:
         saved = json.loads((out / "config.json").read_text())["config"]
-    config = TrainConfig(**saved)
     asked = {k: v for k, v in (expected or {}).items() if v is not None}
     unknown = sorted(set(asked) - set(saved))
     if unknown:
         raise ValueError(f"unknown config fields {unknown}")
-    differ = {k: (v, saved[k]) for k, v in asked.items() if v != saved[k]}
+    differ = {k: (v, saved[k]) for k, v in asked.items() if v != saved[k] and k != "epochs"}
     if differ:
         listing = ", ".join(f"{k}={wanted!r} (the run has {had!r})" for k, (wanted, had) in differ.items())
         raise ValueError(f"cannot resume {out} with different settings: {listing}")
-    return _fit(config, out, checkpoint, resuming=True, data_root=data_root, download=download, device=device,
-                progress=progress)
+    epochs = asked.get("epochs", saved["epochs"])
+    if epochs < saved["epochs"]:
+        raise ValueError(f"cannot resume {out} with epochs={epochs}: the run has {saved['epochs']}; --epochs can "
+                         f"only grow (a larger number continues the run for more epochs)")
+    config = dataclasses.replace(TrainConfig(**saved), epochs=epochs)
+    return _fit(config, out, checkpoint, Where(data, classes, data_root, download, strict_data, device, progress),
+                resuming=True)
 
 
 def train_or_resume(config: TrainConfig, out: str | os.PathLike, **options) -> dict:
@@ -528,78 +644,144 @@ def _fixed_subset(dataset: Dataset, limit: int | None) -> Dataset:
     return Subset(dataset, torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:limit].tolist())
 
 
-def _fit(config: TrainConfig, out: Path, checkpoint: dict | None, *, resuming: bool = False, data_root,
-         download, device, progress) -> dict:
-    procs = Processes.start(device)
+def _fit(config: TrainConfig, out: Path, checkpoint: dict | None, where: Where, resuming: bool = False) -> dict:
+    procs = Processes.start(where.device)
     try:
         if not resuming:
             _refuse_occupied(out)
         procs.barrier()  # every process has looked before any writes
-        return _fit_here(config, out, checkpoint, procs, data_root=data_root, download=download, progress=progress)
+        return _fit_here(config, out, checkpoint, procs, where)
     finally:
         procs.close()
 
 
-def _fit_here(config, out, checkpoint, procs, *, data_root, download, progress) -> dict:
+def _datasets(config: TrainConfig, where: Where, procs: Processes):
+    """(train, test, class names) of the run: the config's dataset, or the caller's own data."""
+    if (config.dataset == CUSTOM_DATASET) != (where.data is not None):
+        raise ValueError(f"pass your own datasets with data=(train, test) together with dataset="
+                         f"{CUSTOM_DATASET!r}, and only then (this config has dataset={config.dataset!r})")
+    if where.data is not None:
+        train_ds, test_ds = where.data
+        names = where.classes or getattr(train_ds, "classes", None)
+        if not names:
+            raise ValueError("name the classes of your data: classes=[...], or a .classes attribute on it")
+        return train_ds, test_ds, [str(c) for c in names]
+    if where.download and procs.rank != 0:
+        procs.barrier()  # rank 0 downloads first
+    train_ds, test_ds, num_classes = build_datasets(config.dataset, where.data_root, config.resolution,
+                                                    where.download, strict_data=where.strict_data)
+    if where.download and procs.rank == 0:
+        procs.barrier()
+    return train_ds, test_ds, class_names(train_ds, num_classes)
+
+
+def class_names(dataset: Dataset, num_classes: int) -> list[str]:
+    """The dataset's ``classes`` (also through ``Subset`` and ``ConcatDataset``), else "class 0" ..."""
+    while not hasattr(dataset, "classes") and isinstance(dataset, (Subset, ConcatDataset)):
+        dataset = dataset.dataset if isinstance(dataset, Subset) else dataset.datasets[0]
+    names = getattr(dataset, "classes", None)
+    return [str(c) for c in names] if names is not None and len(names) == num_classes else \
+        [f"class {i}" for i in range(num_classes)]
+
+
+def _fit_here(config: TrainConfig, out: Path, checkpoint, procs, where: Where) -> dict:
     if config.batch_size % procs.world:
         raise ValueError(f"batch_size {config.batch_size} does not split over {procs.world} processes")
     with deterministic_mode(config.deterministic):
-        if download and procs.rank != 0:
-            procs.barrier()  # rank 0 downloads first
-        train_ds, test_ds, num_classes = build_datasets(config.dataset, data_root, config.resolution, download)
-        if download and procs.rank == 0:
-            procs.barrier()
+        train_ds, test_ds, classes = _datasets(config, where, procs)
+        num_classes = len(classes)
         train_ds, test_ds = _fixed_subset(train_ds, config.limit), _fixed_subset(test_ds, config.limit)
         if checkpoint is not None and checkpoint["num_classes"] != num_classes:
             raise ValueError(f"{out / 'checkpoint.pt'} was trained for {checkpoint['num_classes']} classes; "
                              f"dataset {config.dataset!r} has {num_classes}")
-        model, optimizer = _prepared_model(config, num_classes, None if checkpoint else config.weights, download)
+        model, optimizer = _prepared_model(config, num_classes, None if checkpoint else config.weights,
+                                           where.download)
         steps = len(train_ds) // config.batch_size if procs.world > 1 else -(-len(train_ds) // config.batch_size)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps)
-        rows, orders, start = [], [], 0
+        rows, orders, start, created = [], [], 0, None
         if checkpoint is not None:
             load_matching_state(model, checkpoint["model"], f"{out / 'checkpoint.pt'}")
             optimizer.load_state_dict(checkpoint["optimizer"])
             scheduler.load_state_dict(checkpoint["scheduler"])
             rows, orders, start = checkpoint["metrics"], checkpoint["data_order"], checkpoint["epoch"]
+            if checkpoint["config"]["epochs"] != config.epochs:
+                _stretch_schedule(scheduler, config.epochs * steps)
+                if procs.rank == 0:
+                    _record_extension(out, checkpoint["config"]["epochs"], config.epochs)
         elif procs.rank == 0:
+            created = next(p for p in (out, *out.parents) if p.exists())
             out.mkdir(parents=True, exist_ok=True)
             source = weights_file(config.weights)
             atomic_write_json(out / "config.json", {
-                "config": dataclasses.asdict(config), "num_classes": num_classes,
+                "config": dataclasses.asdict(config), "num_classes": num_classes, "classes": classes,
                 "weights_sha256": file_sha256(source) if source else None,
+                "skipped_images": getattr(train_ds, "skipped", []),
                 "torch": torch.__version__, "torchvision": torchvision.__version__,
                 "processes": procs.world, "threads": torch.get_num_threads()})
-        model.to(procs.device)
-        _move_optimizer_state(optimizer, procs.device)
-        stored = _stored_activation_bytes(model, train_ds, config.batch_size // procs.world, procs.device)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        network = model
-        if procs.world > 1:
-            network = nn.parallel.DistributedDataParallel(
-                model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        for epoch in range(start, config.epochs):
-            row, digest = _train_epoch(network, model, optimizer, scheduler, criterion, train_ds, test_ds,
-                                       config, epoch, procs, progress, out, rows)
-            row.update(stored_activation_bytes=stored, peak_memory_bytes=peak_memory_bytes(procs.device))
-            rows, orders = rows + [row], orders + [digest]
-            if procs.rank == 0:
-                atomic_save({"format": RUN_FORMAT, "version": 1, "config": dataclasses.asdict(config),
-                             "num_classes": num_classes, "epoch": epoch + 1, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "rng": rng_states(), "data_order": orders, "metrics": rows}, out / "checkpoint.pt")
-                write_metrics(out, rows)
-                if progress:
-                    tqdm.write(_epoch_line(row, config.epochs), file=sys.stderr)
-            procs.barrier()
-        summary = {"config": dataclasses.asdict(config), "num_classes": num_classes, "epochs_done": len(rows),
-                   "trainable_parameters": trainable, "stored_activation_bytes": stored,
-                   "final": rows[-1] if rows else None, "out": str(out)}
+        try:
+            return _epochs(config, out, model, optimizer, scheduler, train_ds, test_ds, classes, procs, where,
+                           rows, orders, start)
+        except BaseException:
+            if created is not None and not (out / "checkpoint.pt").exists():  # nothing worth resuming
+                for name in ("config.json", "metrics.json", "metrics.csv"):
+                    (out / name).unlink(missing_ok=True)
+                from .data import remove_new_empty_folders
+                remove_new_empty_folders(out, created)
+            raise
+
+
+def _epochs(config, out, model, optimizer, scheduler, train_ds, test_ds, classes, procs, where, rows, orders,
+            start) -> dict:
+    model.to(procs.device)
+    _move_optimizer_state(optimizer, procs.device)
+    stored = _stored_activation_bytes(model, train_ds, config.batch_size // procs.world, procs.device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    network = model
+    if procs.world > 1:
+        network = nn.parallel.DistributedDataParallel(
+            model, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    for epoch in range(start, config.epochs):
+        row, digest = _train_epoch(network, model, optimizer, scheduler, criterion, train_ds, test_ds,
+                                   config, epoch, procs, where.progress, out, rows)
+        row.update(stored_activation_bytes=stored, peak_memory_bytes=peak_memory_bytes(procs.device))
+        rows, orders = rows + [row], orders + [digest]
         if procs.rank == 0:
+            atomic_save({"format": RUN_FORMAT, "version": 1, "config": dataclasses.asdict(config),
+                         "num_classes": len(classes), "classes": classes, "epoch": epoch + 1,
+                         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": rng_states(), "data_order": orders,
+                         "metrics": rows}, out / "checkpoint.pt")
             write_metrics(out, rows)
-            atomic_write_json(out / "summary.json", summary)
-        return summary
+            if where.progress:
+                tqdm.write(_epoch_line(row, config.epochs), file=sys.stderr)
+        procs.barrier()
+    summary = {"config": dataclasses.asdict(config), "num_classes": len(classes), "classes": classes,
+               "epochs_done": len(rows), "trainable_parameters": trainable, "stored_activation_bytes": stored,
+               "final": rows[-1] if rows else None, "out": str(out)}
+    if procs.rank == 0:
+        write_metrics(out, rows)
+        atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _stretch_schedule(scheduler, total_steps: int) -> None:
+    """Continue the cosine schedule as if it had been ``total_steps`` long from the start: torch's
+    recursive update only scales the current rate, so the rate is set to the closed form first."""
+    scheduler.T_max, step = total_steps, scheduler.last_epoch
+    rates = [scheduler.eta_min + (base - scheduler.eta_min) * (1 + math.cos(math.pi * step / total_steps)) / 2
+             for base in scheduler.base_lrs]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
+def _record_extension(out: Path, before: int, after: int) -> None:
+    """config.json says the run was continued from ``before`` to ``after`` epochs."""
+    record = json.loads((out / "config.json").read_text())
+    record["config"]["epochs"] = after
+    record.setdefault("continued", []).append({"from_epochs": before, "to_epochs": after})
+    atomic_write_json(out / "config.json", record)
 
 
 def _move_optimizer_state(optimizer, device) -> None:
@@ -633,8 +815,8 @@ def _train_epoch(network, model, optimizer, scheduler, criterion, train_ds, test
     network.train()
     started = time.perf_counter()
     loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not progress or procs.rank != 0, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,  # bars on a terminal only
+               disable=not progress or procs.rank != 0 or not sys.stderr.isatty(), dynamic_ncols=True)
     for step, (inputs, targets) in enumerate(bar):
         inputs, targets = inputs.to(procs.device), targets.to(procs.device)
         logits = network(inputs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -421,3 +422,64 @@ def test_offline_images_are_real_and_varied():
     assert train.images.dtype == np.uint8 and train.images.shape[1:] == (28, 28)
     assert train.images.std() > 50  # real photos of garments, not blank arrays
     assert len({image.tobytes() for image in train.images}) == len(train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Your own images: --dataset folder
+# ---------------------------------------------------------------------------------------------
+def _image_tree(root, per_class=5, broken=True):
+    """Real JPEG and PNG files (Pillow), two classes; one truncated JPEG among the cats."""
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (rng.random((24 + i, 30, 3)) * 120 + 100 * label).astype("uint8")
+            Image.fromarray(pixels).save(root / name / f"{i}.{'jpg' if i % 2 else 'png'}")
+    (root / "dog" / "notes.txt").write_text("not an image")
+    if broken:
+        whole = (root / "cat" / "1.jpg").read_bytes()
+        (root / "cat" / "broken.jpg").write_bytes(whole[: len(whole) // 2])
+    return root / "cat" / "broken.jpg"
+
+
+def test_folder_dataset_reads_real_images_and_skips_a_truncated_one_by_name(tmp_path):
+    broken = _image_tree(tmp_path)
+    with pytest.warns(data.SkippedImageWarning, match=re.escape(str(broken))):
+        train, test, num_classes = data.build_datasets("folder", tmp_path, 16)
+    assert num_classes == 2 and train.classes == test.classes == ["cat", "dog"]
+    files = [p for p, _ in train.samples + test.samples]
+    assert len(files) == 10 and broken not in files and len(set(files)) == 10  # no image in both splits
+    assert {label for _, label in test.samples} == {0, 1}  # every class is held out once at least
+    assert train.skipped == [str(broken)]
+    image, label = train[0]
+    assert image.shape == (3, 16, 16) and label in (0, 1)
+    again, _, _ = data.build_datasets("folder", tmp_path, 16)
+    assert again.samples == train.samples  # the split is fixed (FOLDER_SPLIT_SEED), not the run's seed
+
+
+def test_folder_dataset_uses_given_train_and_val_folders(tmp_path):
+    _image_tree(tmp_path / "train", broken=False)
+    _image_tree(tmp_path / "val", per_class=2, broken=False)
+    train, test, _ = data.build_datasets("folder", tmp_path, 16)
+    assert len(train) == 10 and len(test) == 4
+    assert all("val" in str(path) for path, _ in test.samples)
+
+
+def test_strict_data_stops_at_the_first_unreadable_image(tmp_path):
+    broken = _image_tree(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"unreadable image {broken}")):
+        data.build_datasets("folder", tmp_path, 16, strict_data=True)
+
+
+def test_cli_trains_on_a_folder_and_names_its_classes(tmp_path, capsys):
+    from mobiletl_edu.cli import main
+    _image_tree(tmp_path / "photos")
+    command = ["train", "--dataset", "folder", "--data-root", str(tmp_path / "photos"), "--weights", "source",
+               "--resolution", "32", "--epochs", "1", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main([*command, "--strict-data"]) == 2 and not (tmp_path / "run").exists()
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "broken.jpg" in error
+    with pytest.warns(data.SkippedImageWarning, match="broken.jpg"):
+        assert main(command) == 0
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert record["classes"] == ["cat", "dog"] and record["skipped_images"][0].endswith("broken.jpg")

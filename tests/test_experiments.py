@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from mobiletl_edu import experiments as E
 from mobiletl_edu.cli import build_parser, main
@@ -122,3 +123,72 @@ def test_cli_experiment_runs_a_grid_and_rebuilds_the_table(tmp_path, capsys):
     assert main([*common, "--table-only"]) == 0 and (tmp_path / "results.csv").is_file()
     assert main(["experiment", "--preset", "nope"]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def _poison_at(step):
+    """An optimizer step hook that makes the weights NaN at the ``step``-th step of this process."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    count = [0]
+
+    def hook(optimizer, args, kwargs):
+        count[0] += 1
+        if count[0] == step:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].fill_(float("nan"))
+    return register_optimizer_step_post_hook(hook)
+
+
+GRID_FLAGS = ["experiment", "--methods", "ft-last", "ft-bias", "--seeds", "0", "--epochs", "1", "--resolution", "32",
+              "--limit", "16", "--quiet"]
+
+
+def test_a_failed_run_is_named_recorded_and_the_grid_goes_on(tmp_path, capsys):
+    handle = _poison_at(1)  # the first run (ft-last) diverges at its first step
+    try:
+        assert main([*GRID_FLAGS, "--out", str(tmp_path)]) == 1
+    finally:
+        handle.remove()
+    captured = capsys.readouterr()
+    assert "run 1 of 2: mobilenet_v3_small-ft-last-offline-target-seed0" in captured.err
+    assert "run 1 of 2 FAILED: mobilenet_v3_small-ft-last-offline-target-seed0" in captured.err
+    assert "run 2 of 2 done: mobilenet_v3_small-ft-bias-offline-target-seed0: test top-1" in captured.err
+    assert "1 run(s) failed" in captured.err and "--retry-failed" in captured.err
+    failed = json.loads((tmp_path / "failed.json").read_text())
+    assert list(failed) == ["mobilenet_v3_small-ft-last-offline-target-seed0"]
+    assert "training loss became nan" in failed["mobilenet_v3_small-ft-last-offline-target-seed0"]["error"]
+    rows = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert rows["ft-last"]["top1_mean"] is None and rows["ft-last"]["failed_seeds"] == "0"
+    assert rows["ft-bias"]["top1_mean"] is not None and "| ft-last | - | 0 | failed |" in captured.out
+
+    assert main([*GRID_FLAGS, "--out", str(tmp_path)]) == 1  # a rerun leaves the failed run alone ...
+    assert "1 run(s) failed before and are left out" in capsys.readouterr().err
+    assert main([*GRID_FLAGS, "--out", str(tmp_path), "--retry-failed"]) == 0  # ... unless asked
+    assert json.loads((tmp_path / "failed.json").read_text()) == {}
+    assert all(r["top1_mean"] is not None for r in json.loads((tmp_path / "results.json").read_text()))
+
+
+def test_ctrl_c_writes_the_partial_table_and_says_how_to_resume(tmp_path, capsys):
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    count = [0]
+
+    def interrupt(optimizer, args, kwargs):
+        count[0] += 1
+        if count[0] == 3:  # the second run's first step (16 images, batch 8: two steps a run)
+            raise KeyboardInterrupt
+    handle = register_optimizer_step_post_hook(interrupt)
+    try:
+        assert main([*GRID_FLAGS, "--out", str(tmp_path)]) == 130
+    finally:
+        handle.remove()
+    error = capsys.readouterr().err
+    assert "1 of 2 runs finished, partial table in" in error
+    assert error.strip().endswith("with: mobiletl-edu " + " ".join([*GRID_FLAGS, "--out", str(tmp_path)]))
+    assert [r["method"] for r in json.loads((tmp_path / "results.json").read_text())] == ["ft-last"]
+    assert main([*GRID_FLAGS, "--out", str(tmp_path)]) == 0  # the printed command finishes the grid
+    assert len(json.loads((tmp_path / "results.json").read_text())) == 2
+
+
+def test_table_only_on_an_empty_grid_says_there_is_nothing_to_plot(tmp_path, capsys):
+    assert main([*GRID_FLAGS, "--out", str(tmp_path), "--table-only"]) == 0
+    assert "nothing to tabulate or plot" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []

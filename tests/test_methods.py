@@ -112,7 +112,7 @@ def test_lite_residual_patches_train(method):
     for name, p in model.named_parameters():
         changed = not torch.equal(before[name], after[name])
         original = _name_in_original(name)
-        if ".patch." in name or original.startswith("classifier.3."):
+        if ".patch." in name or re.match(FUSION_AND_CLASSIFIER, original):  # Table 5: fusion trains too
             intended = True
         elif method == "tinytl-lite-residual":
             intended = False
@@ -130,6 +130,48 @@ def test_lite_residual_starts_as_the_original_model():
     patched = prepare(build_model("mobilenet_v3_small", 5), "tinytl-lite-residual", 3,
                       frozen_precision="float").model.eval()
     assert torch.allclose(reference(x), patched(x), atol=1e-4)
+
+
+# Table 5 (ProxylessNAS-Mobile, CIFAR10: 10 classes, top three blocks), trainable parameters.
+TABLE5 = {"ft-blocks": 1_580_682, "mobiletl": 1_576_074, "mobiletl+tinytl-lite-residual": 2_211_466,
+          "tinytl-lite-residual": 1_060_362}
+
+
+@pytest.mark.parametrize("method", sorted(TABLE5))
+def test_trainable_parameters_equal_table5(method):
+    model = prepare("proxyless_mobile", method, 3, num_classes=10, resolution=224).model
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == TABLE5[method]
+
+
+def test_lite_residual_follows_tinytl_design():
+    """At 224 px the top blocks see 7x7 maps: pooled by 2 (floor) to 3x3, a 3x3 grouped conv fits;
+    at 64 px they see 2x2 maps, pooled to one pixel: global pooling and a 1x1 conv."""
+    for resolution, pool, kernel, pooled in ((224, nn.AvgPool2d, 3, 3), (64, nn.AdaptiveAvgPool2d, 1, 1)):
+        model = prepare("proxyless_mobile", "tinytl-lite-residual", 3, num_classes=10, resolution=resolution).model
+        patch = model.features[-2].patch
+        assert isinstance(patch[0], pool) and not getattr(patch[0], "ceil_mode", False)
+        assert patch[1].kernel_size == (kernel, kernel) and patch[1].groups == 2
+        assert isinstance(patch[2], nn.GroupNorm) and patch[2].num_groups == patch[2].num_channels // 8
+        assert isinstance(patch[5], nn.GroupNorm) and not patch[5].weight.any()
+        seen = {}
+        patch[1].register_forward_hook(lambda m, args, out: seen.setdefault("x", args[0]))
+        model(torch.randn(1, 3, resolution, resolution))
+        assert seen["x"].shape[-1] == pooled
+
+
+def test_resnet50_patches_train_fewer_parameters_than_the_network():
+    network = sum(p.numel() for p in build_model("resnet50", 10).parameters())
+    patched = prepare("resnet50", "tinytl-lite-residual", 3, num_classes=10).model
+    assert sum(p.numel() for p in patched.parameters() if p.requires_grad) < network
+
+
+@pytest.mark.parametrize("method", ["mobiletl", "ft-last", "tinytl-lite-residual"])
+def test_preparing_a_prepared_model_is_refused(method):
+    model = prepare("mobilenet_v3_small", method, None if method in GLOBAL_METHODS else 2, num_classes=5).model
+    before = _snapshot(model)
+    with pytest.raises(ValueError, match="already changed by prepare"):
+        prepare(model, "ft-bias")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("model_name", MODEL_NAMES)

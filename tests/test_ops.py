@@ -141,6 +141,23 @@ def test_pack_bits_matches_binary_numbers_also_for_sliced_input(n, start, seed):
         assert pack_bits(mask).tolist() == expected
 
 
+@given(shape=st.lists(st.integers(1, 6), min_size=1, max_size=3), step=st.integers(2, 3),
+       transpose=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=60, deadline=None)
+def test_pack_bits_accepts_any_strided_view(shape, step, transpose, seed):
+    """Every-other-element slices and transposes (flat views that are not unit-stride) pack like a copy."""
+    base = torch.rand([step * n for n in shape], generator=torch.Generator().manual_seed(seed)) > 0.5
+    mask = base[tuple(slice(None, None, step) for _ in shape)]
+    if transpose and mask.dim() > 1:
+        mask = mask.transpose(0, -1)
+    assert pack_bits(mask).tolist() == _packed_by_hand(mask.reshape(-1).tolist())
+    assert torch.equal(unpack_bits(pack_bits(mask), mask.shape), mask)
+
+
+def test_pack_bits_of_the_issue_example():
+    assert pack_bits(torch.ones(16, dtype=torch.bool)[::2]).tolist() == [0b11111111]
+
+
 def _pretrained_bn(channels=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     bn = nn.BatchNorm2d(channels).double()

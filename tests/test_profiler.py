@@ -145,7 +145,7 @@ CASES = [(model, method) for model in ("mobilenet_v2", "mobilenet_v3_small", "mo
 @pytest.mark.parametrize("model_name, method", CASES)
 def test_pytorch_convention_agrees_with_saved_tensor_hooks(model_name, method):
     torch.manual_seed(0)
-    model = prepare(model_name, method, None if method in GLOBAL_METHODS else 2, num_classes=10).model
+    model = prepare(model_name, method, None if method in GLOBAL_METHODS else 2, num_classes=10, resolution=32).model
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     analytic = profile(model, tuple(x.shape))
     measured = saved_activations(model, x, y)
@@ -176,7 +176,8 @@ def test_conv_and_linear_flops_match_torch_flop_counter(method, blocks):
     """A frozen layer below the trained region costs no backward; one inside it passes the gradient on."""
     torch.manual_seed(0)
     # BNs not folded: a folded conv gains a bias, whose additions torch's counter leaves out
-    model = prepare("mobilenet_v3_small", method, blocks, num_classes=10, optimize_bottom=False).model
+    model = prepare("mobilenet_v3_small", method, blocks, num_classes=10, optimize_bottom=False,
+                    resolution=64).model
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,))
     analytic = profile(model, tuple(x.shape))
     ours = sum(layer.forward_flops + layer.backward_flops for layer in analytic.layers

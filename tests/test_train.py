@@ -2,6 +2,7 @@
 import csv
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -93,7 +94,7 @@ def test_defaults_are_the_offline_demo():
 def test_cli_without_flags_runs_the_offline_default(monkeypatch, capsys, tmp_path):
     seen = {}
 
-    def fake_fit(config, out, checkpoint, **where):
+    def fake_fit(config, out, checkpoint, where, resuming=False):
         seen.update(config=config, out=out)
         return {"config": vars(config), "final": {"test_top1": 1.0}, "epochs_done": 0,
                 "trainable_parameters": 1, "stored_activation_bytes": 0, "out": str(out)}
@@ -172,8 +173,10 @@ def test_resume_after_a_kill_ends_bit_for_bit_where_an_uninterrupted_run_does(fi
 
 def test_resume_refuses_other_settings_and_a_missing_run(finished_run, tmp_path):
     out, _ = finished_run
-    with pytest.raises(ValueError, match=r"cannot resume .* epochs=5 \(the run has 3\)"):
-        T.resume(out, {"epochs": 5})
+    with pytest.raises(ValueError, match=r"cannot resume .* lr=0.5 \(the run has 0.002\)"):
+        T.resume(out, {"lr": 0.5, "epochs": 5})
+    with pytest.raises(ValueError, match=r"epochs=2: the run has 3; --epochs can only grow"):
+        T.resume(out, {"epochs": 2})
     with pytest.raises(FileNotFoundError, match="holds no run"):
         T.resume(tmp_path / "nothing")
 
@@ -235,11 +238,11 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--dataset", "nope"], "unknown dataset 'nope'; valid choices:"),
+    (["--dataset", "nope"], "invalid choice: 'nope' (choose from 'cifar10'"),
     (["--dataset", "cifar10", "--weights", "none"], "not found: looked for data/cifar-10-batches-py. Pass --download"),
     (["--weights", "missing.pt"], "neither one of imagenet, source, none nor an existing checkpoint"),
     (["--method", "ft-all", "--blocks", "2"], "does not take blocks"),
-    (["--epochs", "0"], "epochs must be a positive integer"),
+    (["--epochs", "0"], "argument --epochs: must be a positive integer"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)
@@ -307,14 +310,20 @@ def test_checkpoints_that_do_not_fit_are_clear_errors(tmp_path):
         T.load_weights("mobilenet_v3_small", str(tmp_path / "truncated.pt"), 5)
 
     torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled_module.pt")  # refused by weights_only
-    with pytest.raises(ValueError, match="not a readable PyTorch checkpoint"):
+    with pytest.raises(ValueError, match="refused to load .* could run code") as refused:
         T.load_weights("mobilenet_v3_small", str(tmp_path / "pickled_module.pt"), 5)
+    assert "weights_only=False" not in str(refused.value)  # torch's advice is not passed on
 
 
-def test_a_prepared_run_checkpoint_is_not_plain_weights(finished_run):
+def test_a_fine_tuned_run_serves_as_weights_for_another(finished_run):
+    """--weights RUN: the run's model, turned back into a plain network (export.plain_model)."""
     out, _ = finished_run
-    with pytest.raises(ValueError, match="training checkpoint of a 'mobiletl' run"):
-        T.load_weights("mobilenet_v3_small", str(out / "checkpoint.pt"), 5)
+    trained, _ = T.load_trained(out)
+    for given in (out, out / "checkpoint.pt"):
+        model = T.load_weights("mobilenet_v3_small", str(given), 5, new_classifier=False).eval()
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            assert torch.allclose(model(x), trained(x), rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,3 +363,122 @@ def test_one_run_on_two_processes_with_torchrun(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_done"] == 1 and 0 <= summary["final"]["test_top1"] <= 100
     assert result.stdout.count("test top-1") == 1  # only rank 0 reports
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds: every method's head, data order and augmentation follow the seed
+# ---------------------------------------------------------------------------------------------
+def _one_epoch_of_one_step(method, seed):
+    """The first epoch of a run (one optimizer step on 8 images), through the training code itself."""
+    config = T.TrainConfig(method=method, seed=seed, weights="source", resolution=32, limit=8, epochs=1).resolved()
+    train_ds, test_ds, _ = build_datasets(config.dataset, "data", config.resolution)
+    train_ds, test_ds = T._fixed_subset(train_ds, 8), T._fixed_subset(test_ds, 8)
+    model, optimizer = T._prepared_model(config, 5, config.weights)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=1)
+    _, order = T._train_epoch(model, model, optimizer, scheduler, nn.CrossEntropyLoss(), train_ds, test_ds, config,
+                              0, T.Processes(), False, None, [])
+    return initial, model.state_dict(), order
+
+
+@pytest.mark.parametrize("method", T.METHODS)
+def test_two_seeds_give_different_heads_data_order_and_weights_after_one_step(method):
+    init0, after0, order0 = _one_epoch_of_one_step(method, 0)
+    init1, after1, order1 = _one_epoch_of_one_step(method, 1)
+    head = [k for k in init0 if k.startswith("classifier.3.")]
+    assert head and all(not torch.equal(init0[k], init1[k]) for k in head)  # the new classifier
+    assert order0 != order1  # the data order
+    trained = [k for k in after0 if not torch.equal(after0[k], init0[k]) and not k.endswith("num_batches_tracked")]
+    assert trained and all(not torch.equal(after0[k], after1[k]) for k in trained)
+
+
+def test_the_seed_changes_the_augmentation():
+    train_ds, _, _ = build_datasets("offline-target", "data", 32)
+    crops = []
+    for seed in (0, 1):
+        T.seed_everything(T.epoch_seed(seed, 0, "rank0"))  # what each epoch of a run does first
+        crops.append(train_ds[0][0])
+    assert not torch.equal(*crops)
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuing a finished run; runs that fail early leave nothing; Ctrl-C says how to resume
+# ---------------------------------------------------------------------------------------------
+def test_a_finished_run_continues_for_more_epochs(tmp_path):
+    out = tmp_path / "short"
+    config = dict(TINY, epochs=1)
+    T.train(T.TrainConfig(**config), out, progress=False)
+    assert main(["train", "--resume", "--out", str(out), "--epochs", "2", "--quiet"]) == 0
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2]
+    # the schedule is stretched to the new length: after the last step the rate is the cosine's end, 0,
+    # and continuing to 3 epochs (9 steps) the first new step runs at lr0 * (1 + cos(pi * 6/9)) / 2
+    assert rows[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    lrs = []
+    with StepHook(1, lambda optimizer: lrs.append(optimizer.param_groups[0]["lr"])):
+        main(["train", "--resume", "--out", str(out), "--epochs", "3", "--quiet"])
+    lr0 = json.loads((out / "config.json").read_text())["config"]["lr"]
+    assert lrs[0] == pytest.approx(lr0 * (1 + math.cos(math.pi * 6 / 9)) / 2, rel=1e-9)
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["epochs"] == 3 and record["continued"][-1] == {"from_epochs": 2, "to_epochs": 3}
+
+
+def _interrupt(optimizer):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_prints_the_run_folder_and_the_command_that_resumes_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--weights", "source", "--resolution", "32", "--limit", "24", "--epochs", "2", "--quiet"]
+    with StepHook(STEPS_PER_EPOCH + 1, _interrupt):
+        assert main(["train", "--out", "run", *flags]) == 130
+    error = capsys.readouterr().err.strip()
+    assert error.endswith("Continue it with: mobiletl-edu train --resume --out run")
+    assert main(["train", "--resume", "--out", "run", "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs_done"] == 2
+
+    with StepHook(2, _interrupt):  # before the first epoch ends: nothing is kept
+        assert main(["train", *flags]) == 130
+    assert "nothing was kept" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no runs/ folder was left behind
+
+
+def test_a_run_that_diverges_in_its_first_epoch_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "nan"
+    with StepHook(1, _poison):
+        assert main(["train", "--out", str(out), "--quiet", "--weights", "source", "--resolution", "32",
+                     "--limit", "24", "--epochs", "2"]) == 2
+    assert "no checkpoint was written" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_your_own_dataset_object_trains(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(16, 3, 32, 32, generator=g), torch.arange(16) % 3
+    data = torch.utils.data.TensorDataset(images, labels)
+    summary = T.train(T.TrainConfig(dataset="custom", weights="source", epochs=1, resolution=32), tmp_path / "own",
+                      data=(data, data), classes=["red", "green", "blue"], progress=False)
+    assert summary["classes"] == ["red", "green", "blue"] and summary["num_classes"] == 3
+    with pytest.raises(ValueError, match="together with dataset='custom'"):
+        T.train(T.TrainConfig(weights="source"), tmp_path / "x", data=(data, data))
+
+
+def test_a_modified_source_checkpoint_is_refused(tmp_path, monkeypatch):
+    copy = tmp_path / T.SOURCE_CHECKPOINT.name
+    data = bytearray(T.SOURCE_CHECKPOINT.read_bytes())
+    data[-100] ^= 0xFF
+    copy.write_bytes(bytes(data))
+    (tmp_path / T.SOURCE_CHECKPOINT.with_suffix(".json").name).write_bytes(
+        T.SOURCE_CHECKPOINT.with_suffix(".json").read_bytes())
+    monkeypatch.setattr(T, "SOURCE_CHECKPOINT", copy)
+    with pytest.raises(ValueError, match="has been modified: its sha256 is"):
+        T.load_weights("mobilenet_v3_small", "source", 5)
+
+
+def test_without_a_terminal_each_epoch_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mobiletl_edu.cli", "train", "--out", str(tmp_path / "log"),
+                             "--weights", "source", "--resolution", "32", "--limit", "16", "--epochs", "2"],
+                            capture_output=True, text=True, env=ONE_THREAD_ENV)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "it/s" not in result.stderr  # no progress bar redraws
+    assert [line.split(":")[0] for line in result.stderr.splitlines()] == ["epoch 1/2", "epoch 2/2"]

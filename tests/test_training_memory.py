@@ -25,7 +25,7 @@ NOT_FOR = {"mobilenet_v2": {"remove-se"},  # no squeeze-excitation
 def measured_and_analytic(name, method, batch, resolution, chunk=None):
     torch.manual_seed(0)
     model, optimizer = prepare(name, method, None if method in GLOBAL_METHODS else 3, num_classes=10,
-                               bottom_chunk=chunk)
+                               resolution=resolution, bottom_chunk=chunk)
     x, y = torch.randn(batch, 3, resolution, resolution), torch.randint(0, 10, (batch,))
     return tensor_step(model, optimizer, x, y), training_peak(model, tuple(x.shape))
 
