@@ -17,7 +17,8 @@ markdown tables. Parts:
   a frozen bottom on MobileNetV2 and four on V3-Small (peak, and step time measured with the
   four setups interleaved in one process);
 * ``fits``: the largest batch within 256 MB, 512 MB and 1 GB of tensors at 224 px on
-  MobileNetV2, V3-Small and V3-Large, with V3-Small's 512 MB column measured.
+  MobileNetV2, V3-Small and V3-Large for the six methods above and MobileTL-3 with
+  ``bottom_chunk=1``, with V3-Small's 512 MB column measured.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ CHUNKS = (None, 4, 2, 1)
 FIT_MODELS = ("mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large")
 BUDGETS = {"256 MB": 256 * 10**6, "512 MB": 512 * 10**6, "1 GB": 10**9}
 MEASURED_BUDGET, MEASURED_FIT_MODEL = "512 MB", "mobilenet_v3_small"
+FIT_SETTINGS = [(m, None) for m in GROWTH_METHODS] + [("mobiletl", 1)]  # (method, bottom_chunk)
 PARTS = ("agreement", "growth", "chunk", "fits")
 BLOCKS = 3
 
@@ -155,15 +157,16 @@ def _chunk_times(model: str, method: str, steps: int) -> dict:
 def fits(cache: Path) -> list:
     rows = []
     for model in FIT_MODELS:
-        for method in GROWTH_METHODS:
-            batches = largest_batches(model, method, blocks_for(method), list(BUDGETS.values()), threads=1)
-            entry = {"model": model, "method": method, "blocks": blocks_for(method),
+        for method, chunk in FIT_SETTINGS:
+            batches = largest_batches(model, method, blocks_for(method), list(BUDGETS.values()), threads=1,
+                                      bottom_chunk=chunk)
+            entry = {"model": model, "method": method, "blocks": blocks_for(method), "bottom_chunk": chunk,
                      "largest": dict(zip(BUDGETS, batches))}
             largest = entry["largest"][MEASURED_BUDGET]
             if largest and model == MEASURED_FIT_MODEL:
-                entry["measured_at_largest"] = measured(spec_of(model, method, largest, 224), cache)
+                entry["measured_at_largest"] = measured(spec_of(model, method, largest, 224, chunk), cache)
             rows.append(entry)
-            log(f"fits {model} {method}: {entry['largest']}")
+            log(f"fits {model} {method} chunk {chunk}: {entry['largest']}")
     return rows
 
 
@@ -198,11 +201,12 @@ def chunk_table(rows: list) -> str:
 
 
 def fits_table(rows: list) -> str:
-    lines = ["| model | method | " + " | ".join(BUDGETS) + f" | measured peak at the {MEASURED_BUDGET} batch |",
-             "|---|---|" + "---:|" * (len(BUDGETS) + 1)]
+    lines = ["| model | method | chunk | " + " | ".join(BUDGETS) + f" | measured peak at the {MEASURED_BUDGET} batch |",
+             "|---|---|---|" + "---:|" * (len(BUDGETS) + 1)]
     for r in rows:
         at = r.get("measured_at_largest")
-        lines.append(f"| {r['model']} | {r['method']} | " + " | ".join(str(r["largest"][b]) for b in BUDGETS)
+        lines.append(f"| {r['model']} | {r['method']} | {r.get('bottom_chunk') or 'none'} | "
+                     + " | ".join(str(r["largest"][b]) for b in BUDGETS)
                      + f" | {mb(at['tensor_peak_bytes']) + ' MB' if at else '-'} |")
     return "\n".join(lines)
 
@@ -212,7 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     parser.add_argument("--cache", default="runs/benchmarks/training_memory", help="one JSON per measured setting")
     parser.add_argument("--out", default="book/data/training_memory.json")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per chunk setting")
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per chunk setting")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     unknown = [p for p in parts if p not in PARTS]
