@@ -133,6 +133,12 @@ PRETRAIN_OUT = "runs/source/offline_source_mobilenet_v3_small.pt"  # where `pret
 LAUNCHERS = ("local", "submitit")  # how an experiment grid runs its runs
 EXPORT_FORMATS = ("torchscript", "onnx", "state-dict")
 
+# ---------------------------------------------------------------------------------------------
+# Training on the device (mobiletl_edu.deploy)
+# ---------------------------------------------------------------------------------------------
+DEVICE_NAMES = ("pi4", "nano", "host")  # device profiles: Raspberry Pi 4, Jetson Nano, this machine
+TABLE6_METHODS = ("ft-all", "ft-bn", "ft-bias", "mobiletl")  # the methods the paper's Table 6 times
+
 
 def check_choice(name: str, value, choices) -> None:
     """ValueError naming ``value`` and the valid ``choices`` when it is not one of them."""

@@ -16,9 +16,9 @@ import os
 import sys
 
 from . import __version__
-from .choices import (BLOCK_KINDS, CONVENTIONS, DATASET_NAMES, DEFAULT_BLOCKS, DEFAULT_DATASET, EXPORT_FORMATS,
-                      LAUNCHERS, METHODS, MODEL_NAMES, OFFLINE_DATASETS, PRECISIONS, PRETRAIN_OUT,
-                      WEIGHT_NAMES)
+from .choices import (BLOCK_KINDS, BLOCK_METHODS, CONVENTIONS, DATASET_NAMES, DEFAULT_BLOCKS, DEFAULT_DATASET,
+                      DEVICE_NAMES, EXPORT_FORMATS, LAUNCHERS, METHODS, MODEL_NAMES, OFFLINE_DATASETS, PRECISIONS,
+                      PRETRAIN_OUT, TABLE6_METHODS, WEIGHT_NAMES, check_choice)
 
 SUBCOMMANDS = []  # parser-builders, in the order --help lists them
 
@@ -618,6 +618,146 @@ def profile_parser(sub) -> None:
     add_threads_flag(p, "torch CPU threads: the kernels they choose (training peak) and the measured step's")
     p.add_argument("--json", action="store_true", help="print a JSON report instead of the table")
     p.set_defaults(run=profile_command)
+
+
+# ---------------------------------------------------------------------------------------------
+# deploy, bench, import-bundle: training on the device (mobiletl_edu.deploy)
+# ---------------------------------------------------------------------------------------------
+def _class_names(text):
+    """``--class-names``: a file with one name a line, or names separated by commas."""
+    from pathlib import Path
+    if text is None:
+        return None
+    path = Path(text)
+    names = path.read_text().split("\n") if path.is_file() else text.split(",")
+    return [n.strip() for n in names if n.strip()]
+
+
+def deploy_command(args) -> int:
+    from .deploy.bundle import write_bundle
+    from .deploy.devices import get_device
+    set_threads(args.threads)
+    blocks = args.blocks if args.blocks is not None or args.method not in BLOCK_METHODS else DEFAULT_BLOCKS
+    manifest = write_bundle(args.out, model=args.model, method=args.method, blocks=blocks, device=args.device,
+                            classes=args.classes, weights=args.weights, class_names=_class_names(args.class_names),
+                            batch=args.batch, resolution=args.resolution, lr=args.lr,
+                            label_smoothing=args.label_smoothing, epochs=args.epochs, memory_gb=args.memory_gb,
+                            budget_mb=args.budget_mb, force=args.force, download=args.download, seed=args.seed)
+    estimate, profile = manifest["estimate"], get_device(args.device)
+    mib = 2**20
+    print(f"bundle {args.out}: {manifest['model']} {manifest['method']}"
+          f"{f' ({blocks} blocks)' if manifest['blocks'] else ''}, {manifest['classes']} classes, for the "
+          f"{profile.title}")
+    print(f"training peak (analytic) {estimate['training_peak_bytes'] / mib:.0f} MiB of a "
+          f"{estimate['budget_bytes'] / mib:.0f} MiB budget" + (" (over budget: --force)" if estimate["forced"] else ""))
+    print(f"next: copy the folder to the device and run `python3 run.py --check` there (see {args.out}/README.md)")
+    return 0
+
+
+@subcommand
+def deploy_parser(sub) -> None:
+    p = sub.add_parser("deploy", help="write a training bundle for a Raspberry Pi 4 or a Jetson Nano",
+                       description="Prepare a model, check its training peak against the device's memory, and "
+                                   "write a self-contained folder that run.py trains on the device (Python 3.6 + "
+                                   "torch 1.10 and later, nothing else).")
+    p.add_argument("--model", default="mobilenet_v3_small", choices=MODEL_NAMES)
+    p.add_argument("--method", default="mobiletl", choices=METHODS)
+    p.add_argument("--blocks", type=positive_int, help=f"top blocks to fine-tune (block-wise methods; default "
+                                                       f"{DEFAULT_BLOCKS})")
+    p.add_argument("--device", required=True, choices=DEVICE_NAMES)
+    p.add_argument("--classes", type=positive_int, required=True, help="classes of the device's task")
+    p.add_argument("--class-names", help="names, comma-separated, or a file with one name a line")
+    p.add_argument("--out", required=True, help="the bundle folder to create (must not exist or be empty)")
+    p.add_argument("--weights", default="imagenet", help=f"{' | '.join(WEIGHT_NAMES)} | PATH of a state_dict "
+                                                         f"(default imagenet)")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--resolution", type=positive_int, default=224)
+    p.add_argument("--lr", type=positive_float, default=3e-4, help="Adam's learning rate on the device")
+    p.add_argument("--label-smoothing", type=smoothing, default=0.1)
+    p.add_argument("--epochs", type=positive_int, default=10, help="the device's default (run.py --epochs)")
+    p.add_argument("--memory-gb", type=positive_int, help="the device's memory (default: Table 6's, 4 GB)")
+    p.add_argument("--budget-mb", type=positive_int, help="override the memory a training run may use")
+    p.add_argument("--force", action="store_true", help="write the bundle even if the peak exceeds the budget")
+    p.add_argument("--download", action="store_true", help="download missing ImageNet weights")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the new classifier")
+    add_threads_flag(p)
+    p.set_defaults(run=deploy_command)
+
+
+def _methods(text: str) -> list:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for method in methods or [text]:
+        check_choice("method", method, METHODS)
+    return methods
+
+
+def bench_command(args) -> int:
+    import json
+
+    from .deploy import bench, latency
+    methods = _methods(args.methods)
+    calibration = json.loads(open(args.calibration).read()) if args.calibration else None
+    report = bench.bench(args.model, methods, args.blocks, steps=args.steps, warmup=args.warmup, batch=args.batch,
+                         resolution=args.resolution, classes=args.classes, threads=args.threads, device=args.device)
+    if args.predict or calibration:
+        devices = {"calibrated": calibration} if calibration else {d: None for d in ("pi4", "nano")}
+        report["predicted_s"] = {}
+        for method in methods:
+            phases = latency.method_phases(args.model, method, args.blocks, batch=args.batch,
+                                           resolution=args.resolution, classes=args.classes)
+            label = bench.method_label(method, args.blocks if method in bench.BLOCK_METHODS else None)
+            report["predicted_s"][label] = {name: latency.predict(phases, latency.device_constants(name, c))
+                                            for name, c in devices.items()}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{report['model']}, batch {report['batch']}, {report['resolution']}x{report['resolution']}, "
+          f"{report['classes']} classes, {report['steps']} steps after {report['warmup']} warm-up, methods "
+          f"interleaved; {report['device']}, {report['threads']} threads, torch {report['torch']}")
+    print(bench.bench_table(report))
+    for label, predictions in report.get("predicted_s", {}).items():
+        print(f"latency model, {label}: " + ", ".join(f"{d} {s:.3f} s" for d, s in predictions.items()))
+    return 0
+
+
+@subcommand
+def bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="training-step latency per method, the paper's Table 6 protocol",
+                       description="Batch 8, 224x224, 10 classes, random data: warm-up, then --steps steps per "
+                                   "method, the methods interleaved; mean, median, spread and ratio to the first.")
+    p.add_argument("--model", default="mobilenet_v3_small", choices=MODEL_NAMES)
+    p.add_argument("--methods", default=",".join(TABLE6_METHODS), help="comma-separated, from: " + ", ".join(METHODS))
+    p.add_argument("--blocks", type=positive_int, default=DEFAULT_BLOCKS, help="for the block-wise methods")
+    p.add_argument("--steps", type=positive_int, default=20)
+    p.add_argument("--warmup", type=non_negative_int, default=5)
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--resolution", type=positive_int, default=224)
+    p.add_argument("--classes", type=positive_int, default=10)
+    add_threads_flag(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (synchronized around every step)")
+    p.add_argument("--predict", action="store_true",
+                   help="add the latency model's prediction for the Pi 4 and the Jetson Nano")
+    p.add_argument("--calibration", help="predict for a device calibrated with run.py --calibrate --json > FILE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=bench_command)
+
+
+def import_bundle_command(args) -> int:
+    from .deploy.bundle import import_bundle
+    out = import_bundle(args.bundle, args.out, args.checkpoint)
+    print(f"run folder {out}: the bundle's network with the device's training; evaluate or export it from there")
+    return 0
+
+
+@subcommand
+def import_bundle_parser(sub) -> None:
+    p = sub.add_parser("import-bundle", help="bring a bundle trained on the device back as a run folder",
+                       description="Verify the bundle, read the checkpoint run.py wrote (BUNDLE/training/ unless "
+                                   "--checkpoint), and write a run folder that evaluate and export accept.")
+    p.add_argument("bundle", help="the bundle folder")
+    p.add_argument("--out", help="run folder to create (default runs/<bundle name>-imported)")
+    p.add_argument("--checkpoint", help="run.py's checkpoint.safetensors, if not in BUNDLE/training/")
+    p.set_defaults(run=import_bundle_command)
 
 
 # ---------------------------------------------------------------------------------------------
