@@ -541,7 +541,8 @@ def profile_command(args) -> int:
     if fit:
         print(f"what fits       the largest batch at {args.resolution}x{args.resolution} whose training peak "
               f"fits in {budget / mb:,.0f} MB of tensors: {fit['largest_batch']}"
-              + (f" (its peak {fit['largest_batch_peak_bytes'] / mb:.1f} MB)" if fit["largest_batch"] else ""))
+              + (f" (its peak {fit['largest_batch_peak_bytes'] / mb:.1f} MB)" if fit["largest_batch"] else
+                 f" (one sample needs {fit['one_sample_peak_bytes'] / mb:.1f} MB)"))
     if measured:
         _print_measured(measured, peak, result.activation_bytes, mb)
     return 0
@@ -552,8 +553,10 @@ def _fit(spec: dict, budget: int) -> dict:
     options = dict(resolution=spec["resolution"], classes=spec["classes"], frozen_precision=spec["frozen_precision"],
                    bottom_chunk=spec["bottom_chunk"])
     largest = largest_batch(spec["model"], spec["method"], spec["blocks"], budget, **options)
-    at = model_training_peak(spec["model"], spec["method"], spec["blocks"], batch=largest, **options).bytes \
-        if largest else None
+    at = model_training_peak(spec["model"], spec["method"], spec["blocks"], batch=max(largest, 1), **options).bytes
+    if not largest:  # not even one sample fits: say what one needs
+        return {"fit_budget_bytes": budget, "largest_batch": 0, "largest_batch_peak_bytes": None,
+                "one_sample_peak_bytes": at}
     return {"fit_budget_bytes": budget, "largest_batch": largest, "largest_batch_peak_bytes": at}
 
 
@@ -607,7 +610,8 @@ def profile_parser(sub) -> None:
                    help="how bytes are counted: pytorch (what a step allocates; the network as prepare runs "
                         "it) or the paper's (the network as the paper counts it)")
     p.add_argument("--frozen-precision", default="int8", choices=PRECISIONS)
-    p.add_argument("--bottom-chunk", type=int, help="model mode: run the frozen bottom this many samples at a time")
+    p.add_argument("--bottom-chunk", type=positive_int,
+                   help="model mode: run the frozen bottom this many samples at a time")
     p.add_argument("--fit-budget", metavar="SIZE",
                    help="model mode: the largest batch whose training peak fits in SIZE of tensors "
                         "(e.g. 512MB, 1GB, 300MiB)")

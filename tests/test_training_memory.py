@@ -135,6 +135,9 @@ def test_largest_batch_is_the_last_that_fits(capsys):
     assert 1 <= below < 16 and model_training_peak("mobilenet_v3_small", "mobiletl", 3, batch=below + 1,
                                                    resolution=64).bytes > 26_700_000
     assert largest_batch("mobilenet_v3_small", "ft-all", None, 10**6, resolution=64) == 0
+    code, out, _ = run_cli(capsys, "profile", "--resolution", "64", "--fit-budget", "1MB")
+    one = model_training_peak("mobilenet_v3_small", "mobiletl", 3, batch=1, resolution=64).bytes
+    assert code == 0 and f"1 MB of tensors: 0 (one sample needs {one / 1e6:.1f} MB)" in out
 
 
 @pytest.mark.parametrize("text, expected", [("512MB", 512 * 10**6), ("1GB", 10**9), ("300MiB", 300 * 2**20),
@@ -180,7 +183,7 @@ def test_summary_and_profile_count_the_same_frozen_parameters(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["profile", "--fit-budget", "lots"], "'lots'"),
     (["profile", "--fit-budget", "0MB"], "MiB"),
-    (["profile", "--bottom-chunk", "0"], "got 0"),
+    (["profile", "--bottom-chunk", "0"], "--bottom-chunk: must be a positive integer (1, 2, ...), got '0'"),
     (["profile", "--method", "ft-bn", "--bottom-chunk", "4"], "ft-last, ft-blocks"),
     (["profile", "--block", "mbv3", "--fit-budget", "1GB"], "model mode"),
 ])
