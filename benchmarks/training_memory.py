@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     parser.add_argument("--cache", default="runs/benchmarks/training_memory", help="one JSON per measured setting")
     parser.add_argument("--out", default="book/data/training_memory.json")
-    parser.add_argument("--steps", type=int, default=15, help="timed steps per chunk setting")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per chunk setting")
     args = parser.parse_args(argv)
     parts = args.parts.split(",")
     unknown = [p for p in parts if p not in PARTS]
@@ -233,7 +233,8 @@ def main(argv=None) -> int:
         results.setdefault("provenance", {})[part] = {
             "date": datetime.date.today().isoformat(), "torch": torch.__version__, "threads": 1,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.backends.cpu.get_cpu_capability()}",
-            "command": "nice .venv/bin/python benchmarks/training_memory.py --parts " + part}
+            "command": "nice .venv/bin/python benchmarks/training_memory.py --parts " + part
+            + (f" --steps {args.steps}" if part == "chunk" else "")}
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(results, indent=1))
         tmp.replace(out)

@@ -710,7 +710,9 @@ class Profile:
 
     @property
     def optimizer_state_bytes(self) -> int:
-        return 8 * self.params_trainable  # Adam: two float32 moments per trainable parameter
+        """Adam's two float32 moments per trainable parameter. The training peak's state also
+        counts Adam's step count, 4 bytes per trained tensor (``training_state`` in ``to_dict``)."""
+        return 8 * self.params_trainable
 
     def mb(self, n_bytes: int) -> float:
         return n_bytes / self.convention.bytes_per_mb
