@@ -7,7 +7,7 @@ Part 1 profiles every method of ``prepare`` on MobileNetV2, MobileNetV3-Small an
 (block-wise methods with 3 blocks) at batch 8, 224x224, 10 classes, and compares the analytic
 stored activations ("pytorch" convention) with what saved-tensor hooks record in a real
 training step, in total and layer by layer. The issue asks for agreement within 2 %.
-``--process-peak`` adds the peak resident memory of one step, measured in a fresh process.
+(The memory of a whole training step, measured and analytic: ``benchmarks/training_memory.py``.)
 
 Part 2 prints every reproducible number of the paper beside ours under each named convention
 (``profiler.paper_checks``). The results are discussed in benchmarks/README.md.
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from mobiletl_edu.measure import saved_activations, step_peak_memory
+from mobiletl_edu.measure import saved_activations
 from mobiletl_edu.methods import GLOBAL_METHODS, METHODS, prepare
 from mobiletl_edu.models import has_squeeze_excitation, block_units, build_model
 from mobiletl_edu.profiler import conventions_table, paper_checks, paper_table, profile
@@ -36,10 +36,9 @@ def applies(model: str, method: str) -> bool:
     return all(has_squeeze_excitation(net.get_submodule(u.path)) for u in block_units(net)[-3:])
 
 
-def agreement(models, batch, resolution, classes, blocks, process_peak):
+def agreement(models, batch, resolution, classes, blocks):
     header = "| model | method | analytic MB | measured MB | difference | layers that differ |"
-    header += " step RSS increase MB |" if process_peak else ""
-    lines = [header, "|---|---|---:|---:|---:|---:|" + ("---:|" if process_peak else "")]
+    lines = [header, "|---|---|---:|---:|---:|---:|"]
     worst = 0.0
     for model_name in models:
         for method in METHODS:
@@ -62,10 +61,6 @@ def agreement(models, batch, resolution, classes, blocks, process_peak):
             label = method if k is None else f"{method} ({k})"
             row = (f"| {model_name} | {label} | {analytic.activation_bytes / 1e6:.3f} | "
                    f"{measured.total_bytes / 1e6:.3f} | {100 * diff:+.2f}% | {differ} |")
-            if process_peak:
-                spec = dict(model=model_name, method=method, blocks=k, batch=batch, resolution=resolution,
-                            classes=classes)
-                row += f" {step_peak_memory(spec, threads=torch.get_num_threads()).rss_step_increase / 1e6:.1f} |"
             lines.append(row)
             print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines), worst
@@ -80,7 +75,6 @@ def main(argv=None) -> int:
     parser.add_argument("--blocks", type=int, default=3, help="blocks for the block-wise methods")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: many small layers, and fair on a shared machine)")
-    parser.add_argument("--process-peak", action="store_true", help="add each step's peak RSS (slow)")
     parser.add_argument("--skip-paper", action="store_true", help="leave out the paper's numbers")
     parser.add_argument("--skip-agreement", action="store_true", help="leave out the agreement table")
     args = parser.parse_args(argv)
@@ -88,8 +82,7 @@ def main(argv=None) -> int:
     start = time.time()
     worst = 0.0
     if not args.skip_agreement:
-        table, worst = agreement(args.models.split(","), args.batch, args.resolution, args.classes, args.blocks,
-                                 args.process_peak)
+        table, worst = agreement(args.models.split(","), args.batch, args.resolution, args.classes, args.blocks)
         print(f"## Stored activations: analytic ('pytorch') against saved-tensor hooks, batch {args.batch}, "
               f"{args.resolution}x{args.resolution}, {args.classes} classes\n")
         print(table)

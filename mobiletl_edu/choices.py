@@ -27,6 +27,7 @@ GLOBAL_METHODS = ("ft-all", "ft-last", "ft-bn", "ft-bias")
 SINGLE_BLOCK_METHODS = ("ft-blocks", *MOBILETL_FULL_BN, "remove-se", "relu")  # also apply to one block
 BLOCK_METHODS = (*SINGLE_BLOCK_METHODS, "tinytl-lite-residual", "mobiletl+tinytl-lite-residual")
 METHODS = GLOBAL_METHODS + BLOCK_METHODS
+FROZEN_BOTTOM_METHODS = ("ft-last", *BLOCK_METHODS)  # their frozen bottom can run in chunks (bottom_chunk)
 DEFAULT_BLOCKS = 3  # block-wise methods train the top 3 blocks unless told otherwise
 
 PRECISIONS = ("int8", "float")  # how frozen conv / linear weights are stored
@@ -97,17 +98,28 @@ BLOCK_KINDS = ("conv", "mbv2", "mbv3")  # Table 1 / Figure 1 blocks
 
 @dataclass(frozen=True)
 class Convention:
-    """How bytes and FLOPs are counted. Make a variant with ``dataclasses.replace(c, field=...)``."""
+    """How bytes and FLOPs are counted.
+
+    Make a variant with ``dataclasses.replace(c, field=...)``.
+    """
 
     name: str
-    storage: str  # "pytorch" or "paper": which column of RULES says what a layer keeps
-    relu6_mask_bits: int = 2  # "paper" storage: bits per element an exact ReLU6 keeps
-    frozen_param_bits: int | None = None  # bits per frozen parameter; None: as really stored
-    dropout_mask_bits: int = 32  # eager PyTorch on CPU keeps a float mask (CUDA: 8, a bool)
-    flops_per_mac: int = 2  # a multiply-accumulate is two operations of one FLOP each
-    lowest_input_gradient: bool = False  # count the input gradient of the lowest trained layer
-    elementwise_in_place: bool = False  # peak: BN and activations overwrite their input
-    bytes_per_mb: int = 10**6  # Table 1's MB: 0.306 MB = (conv input + BN input + mask) / 1e6
+    # "pytorch" or "paper": which column of RULES says what a layer keeps
+    storage: str
+    # "paper" storage: bits per element an exact ReLU6 keeps
+    relu6_mask_bits: int = 2
+    # bits per frozen parameter; None: as really stored
+    frozen_param_bits: int | None = None
+    # eager PyTorch on CPU keeps a float mask (CUDA: 8 bits, a bool)
+    dropout_mask_bits: int = 32
+    # a multiply-accumulate is two operations of one FLOP each
+    flops_per_mac: int = 2
+    # count the input gradient of the lowest trained layer
+    lowest_input_gradient: bool = False
+    # the paper's peak: BN and activations overwrite their input
+    elementwise_in_place: bool = False
+    # Table 1's MB: 0.306 MB = (conv input + BN input + mask) / 1e6
+    bytes_per_mb: int = 10**6
     summary: str = ""
 
 

@@ -147,10 +147,18 @@ def dataset_help(default: str) -> str:
 # ---------------------------------------------------------------------------------------------
 def summary_command(args) -> int:
     from .methods import prepare, summary
-    prepared = prepare(args.model, args.method, args.blocks, num_classes=args.classes,
+    prepared = prepare(args.model, args.method, default_blocks(args.method, args.blocks), num_classes=args.classes,
                        frozen_precision=args.frozen_precision)
     print(summary(prepared.model))
+    print("(counts of parameters; an int8 weight counts once per value. prepare folds each frozen BN of the "
+          "frozen bottom into the conv before it, so its scale and shift count once, as that conv's bias.)")
     return 0
+
+
+def default_blocks(method: str, blocks):
+    """Block-wise methods fine-tune DEFAULT_BLOCKS top blocks when none are given, as ``train`` does."""
+    from .choices import BLOCK_METHODS
+    return DEFAULT_BLOCKS if blocks is None and method in BLOCK_METHODS else blocks
 
 
 @subcommand
@@ -158,7 +166,8 @@ def summary_parser(sub) -> None:
     p = sub.add_parser("summary", help="show what prepare() makes of a model: trainable/frozen per block")
     p.add_argument("--model", default="mobilenet_v3_small", choices=MODEL_NAMES)
     p.add_argument("--method", default="mobiletl", choices=METHODS)
-    p.add_argument("--blocks", type=int, default=None, help="number of top blocks to fine-tune")
+    p.add_argument("--blocks", type=int, default=None,
+                   help=f"top blocks to fine-tune (block-wise methods; default {DEFAULT_BLOCKS})")
     p.add_argument("--classes", type=positive_int, default=10)
     p.add_argument("--frozen-precision", default="int8", choices=PRECISIONS)
     p.set_defaults(run=summary_command)
@@ -170,7 +179,7 @@ def summary_parser(sub) -> None:
 # Flags of `train` that are fields of train.TrainConfig; left out (None), the dataset's default.
 TRAIN_CONFIG_FLAGS = ("model", "method", "blocks", "dataset", "weights", "epochs", "seed", "batch_size", "lr",
                       "label_smoothing", "resolution", "frozen_precision", "bn_momentum", "deterministic",
-                      "workers", "limit")
+                      "workers", "limit", "bottom_chunk")
 
 
 def train_command(args) -> int:
@@ -224,6 +233,8 @@ def train_parser(sub) -> None:
     add_run_flags(p, *RUN_FLAGS)
     p.add_argument("--label-smoothing", type=smoothing, help="default: the dataset's recipe")
     p.add_argument("--frozen-precision", choices=PRECISIONS, help="default int8")
+    p.add_argument("--bottom-chunk", type=positive_int, help="run the frozen bottom this many samples at a time "
+                                                             "(less memory; default: the whole batch)")
     p.add_argument("--no-deterministic", dest="deterministic", action="store_const", const=False,
                    help="allow non-deterministic kernels")
     p.add_argument("--out", help="run directory (default runs/<run name>, numbered if taken)")
@@ -474,31 +485,97 @@ def export_parser(sub) -> None:
 def profile_command(args) -> int:
     import json
 
+    import torch
+
     from .measure import measured_report
-    from .profiler import profile_block, profile_model
+    from .methods import check_bottom_chunk
+    from .profiler import model_training_peak, parse_size, profile_block, profile_model
     set_threads(args.threads)
+    budget = None if args.fit_budget is None else parse_size(args.fit_budget, "--fit-budget")
     common = dict(convention=args.convention, frozen_precision=args.frozen_precision)
     if args.block is not None:
         if args.model is not None:
             raise ValueError("give --model (model mode) or --block (block mode), not both")
+        if budget is not None or args.bottom_chunk is not None:
+            raise ValueError("--fit-budget and --bottom-chunk need model mode (--model), not --block")
         shape = _input_shape(args.input_shape)
         result = profile_block(args.block, args.method, shape, expansion=args.expansion, kernel=args.kernel, **common)
         spec = dict(block=args.block, method=args.method, input_shape=list(shape), expansion=args.expansion,
                     kernel=args.kernel, frozen_precision=args.frozen_precision)
+        described, peak = {**spec, "convention": args.convention}, result.training
     else:
         model = args.model or "mobilenet_v3_small"
-        result = profile_model(model, args.method, args.blocks, batch=args.batch, resolution=args.resolution,
-                               classes=args.classes, **common)
-        spec = dict(model=model, method=args.method, blocks=args.blocks, batch=args.batch,
-                    resolution=args.resolution, classes=args.classes, frozen_precision=args.frozen_precision)
-    measured = measured_report(spec, args.device, args.threads) if args.measure else {}
+        blocks = default_blocks(args.method, args.blocks)
+        if args.bottom_chunk is not None:
+            check_bottom_chunk(args.bottom_chunk, args.method)
+        as_paper = args.convention != "pytorch"  # the paper's network keeps the frozen BNs
+        result = profile_model(model, args.method, blocks, batch=args.batch, resolution=args.resolution,
+                               classes=args.classes, optimize_bottom=not as_paper, bottom_chunk=args.bottom_chunk,
+                               **common)
+        peak = result.training if not as_paper else model_training_peak(
+            model, args.method, blocks, batch=args.batch, resolution=args.resolution, classes=args.classes,
+            frozen_precision=args.frozen_precision, bottom_chunk=args.bottom_chunk)
+        spec = dict(model=model, method=args.method, blocks=blocks, batch=args.batch, resolution=args.resolution,
+                    classes=args.classes, frozen_precision=args.frozen_precision, bottom_chunk=args.bottom_chunk)
+        network = ("as the paper counts it: the frozen bottom keeps its BNs" if as_paper else
+                   "as prepare runs it: the frozen bottom's BNs folded into its convs")
+        described = {**spec, "convention": args.convention, "network": network}
+    fit = _fit(spec, budget) if budget is not None else {}
+    measured = measured_report(spec, args.device, torch.get_num_threads()) if args.measure else {}
     if args.json:
-        print(json.dumps({**result.to_dict(), **measured}, indent=2))
+        report = {**described, **result.to_dict(), **fit, **measured}
+        if peak is not None and "training_peak_bytes" not in report:
+            report.update(training_peak_bytes=peak.bytes, training_peak_phase=peak.phase,
+                          training_peak_layer=peak.layer, training_state_bytes=peak.state_bytes,
+                          training_step_bytes=peak.step_bytes)
+        print(json.dumps(report, indent=2))
         return 0
     print(result.table())
-    for key, value in measured.items():
-        print(f"{key:<36}" + ("n/a" if value is None else f"{value / result.convention.bytes_per_mb:.3f} MB"))
+    mb = result.convention.bytes_per_mb
+    if "network" in described:
+        print(f"network         {described['network']}")
+    if peak is not None and result.training is None:
+        print(f"training peak   {peak.bytes / mb:.3f} MB of tensors alive at once, PyTorch's real allocations "
+              f"(BNs folded): {peak.state_bytes / mb:.3f} when the step begins + {peak.step_bytes / mb:.3f} "
+              f"added, in the {peak.phase} at {peak.layer}")
+    if fit:
+        print(f"what fits       the largest batch at {args.resolution}x{args.resolution} whose training peak "
+              f"fits in {budget / mb:,.0f} MB of tensors: {fit['largest_batch']}"
+              + (f" (its peak {fit['largest_batch_peak_bytes'] / mb:.1f} MB)" if fit["largest_batch"] else
+                 f" (one sample needs {fit['one_sample_peak_bytes'] / mb:.1f} MB)"))
+    if measured:
+        _print_measured(measured, peak, result.activation_bytes, mb)
     return 0
+
+
+def _fit(spec: dict, budget: int) -> dict:
+    from .profiler import largest_batch, model_training_peak
+    options = dict(resolution=spec["resolution"], classes=spec["classes"], frozen_precision=spec["frozen_precision"],
+                   bottom_chunk=spec["bottom_chunk"])
+    largest = largest_batch(spec["model"], spec["method"], spec["blocks"], budget, **options)
+    at = model_training_peak(spec["model"], spec["method"], spec["blocks"], batch=max(largest, 1), **options).bytes
+    if not largest:  # not even one sample fits: say what one needs
+        return {"fit_budget_bytes": budget, "largest_batch": 0, "largest_batch_peak_bytes": None,
+                "one_sample_peak_bytes": at}
+    return {"fit_budget_bytes": budget, "largest_batch": largest, "largest_batch_peak_bytes": at}
+
+
+def _print_measured(measured: dict, peak, stored: int, mb: int) -> None:
+    def size(key):
+        value = measured[key]
+        return "n/a" if value is None else f"{value / mb:.3f} MB"
+
+    print("measured, one warm step in a fresh process (MB = 1,000,000 bytes):")
+    analytic = "" if peak is None else (f"  (analytic {peak.bytes / mb:.3f} MB, "
+                                        f"{100 * (peak.bytes / measured['measured_tensor_peak_bytes'] - 1):+.1f} %)")
+    print(f"  tensors, the allocator's view   peak {size('measured_tensor_peak_bytes')} = "
+          f"{size('measured_state_bytes')} when the step began + {size('measured_tensor_step_peak_bytes')} "
+          f"added{analytic}")
+    print(f"  process, resident memory        +{size('measured_process_growth_bytes')} after the warm-up steps; "
+          f"high-water mark of a warm step +{size('measured_process_step_hwm_bytes')}")
+    print(f"  stored activations (hooks)      {size('measured_activation_bytes')}  (analytic {stored / mb:.3f} MB)")
+    print(f"  cold first step, resident       +{size('measured_cold_step_rss_bytes')}  (one-time costs included: "
+          f"not the method's memory)")
 
 
 def _input_shape(text: str) -> tuple:
@@ -515,24 +592,34 @@ def _input_shape(text: str) -> tuple:
 def profile_parser(sub) -> None:
     p = sub.add_parser("profile", help="analytic FLOPs, parameters and training memory of a model or one block",
                        description="Model mode (default): --model/--method/--blocks. Block mode (Table 1, "
-                                   "Figure 1): --block with --input-shape/--expansion/--kernel.")
+                                   "Figure 1): --block with --input-shape/--expansion/--kernel. Sizes print in "
+                                   "MB of 1,000,000 bytes; JSON fields named *_bytes hold bytes.")
     p.add_argument("--model", choices=MODEL_NAMES, help="default mobilenet_v3_small (model mode)")
     p.add_argument("--method", default="mobiletl", choices=METHODS)
-    p.add_argument("--blocks", type=int, default=None, help="top blocks to fine-tune (block-wise methods)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--resolution", type=int, default=224)
-    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--blocks", type=int, default=None,
+                   help=f"top blocks to fine-tune (block-wise methods; default {DEFAULT_BLOCKS})")
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--resolution", type=positive_int, default=224)
+    p.add_argument("--classes", type=positive_int, default=10)
     p.add_argument("--block", choices=BLOCK_KINDS, help="profile one block instead of a model")
     p.add_argument("--input-shape", default="8,96,7,7", help="block mode: N,C,H,W (default 8,96,7,7, Table 1)")
-    p.add_argument("--expansion", type=int, default=1, help="block mode: expansion ratio (Table 1: 1, Figure 1: 6)")
-    p.add_argument("--kernel", type=int, default=5, help="block mode: depthwise / conv kernel size")
+    p.add_argument("--expansion", type=positive_int, default=1,
+                   help="block mode: expansion ratio (Table 1: 1, Figure 1: 6)")
+    p.add_argument("--kernel", type=positive_int, default=5, help="block mode: depthwise / conv kernel size")
     p.add_argument("--convention", default="pytorch", choices=tuple(CONVENTIONS),
-                   help="how bytes are counted: pytorch (agrees with measurement) or the paper's")
+                   help="how bytes are counted: pytorch (what a step allocates; the network as prepare runs "
+                        "it) or the paper's (the network as the paper counts it)")
     p.add_argument("--frozen-precision", default="int8", choices=PRECISIONS)
+    p.add_argument("--bottom-chunk", type=positive_int,
+                   help="model mode: run the frozen bottom this many samples at a time")
+    p.add_argument("--fit-budget", metavar="SIZE",
+                   help="model mode: the largest batch whose training peak fits in SIZE of tensors "
+                        "(e.g. 512MB, 1GB, 300MiB)")
     p.add_argument("--measure", action="store_true",
-                   help="add measured figures: saved tensors, and the peak memory of a step in a subprocess")
+                   help="add measured views of a warm step (tensors, process, stored activations) from a "
+                        "fresh process")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where --measure runs the step")
-    add_threads_flag(p, "torch CPU threads, here and in the measured step")
+    add_threads_flag(p, "torch CPU threads: the kernels they choose (training peak) and the measured step's")
     p.add_argument("--json", action="store_true", help="print a JSON report instead of the table")
     p.set_defaults(run=profile_command)
 

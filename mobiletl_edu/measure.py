@@ -1,4 +1,4 @@
-"""Measured memory: what autograd really keeps for backward, and what a training step costs.
+"""Measured memory: what autograd keeps for backward, and what a training step holds.
 
 ``saved_activations`` runs one forward pass under ``torch.autograd.graph.saved_tensors_hooks``
 and records every tensor autograd saves. Each storage is counted once (ReLU's output and the
@@ -6,16 +6,18 @@ next conv's input are one tensor), and parameters and buffers are left out: they
 memory whether or not we train. Each storage is charged to the innermost module running when
 it was first saved.
 
-``step_peak_memory`` runs one training step in a fresh Python process and reads the process's
-peak resident memory from the operating system (``/proc/self/status``, else ``ru_maxrss``) and,
-on CUDA, the caching allocator's peak. These are what a device would see; they include the
-allocator's slack, so they are upper bounds on the analytic peak, not equal to it.
+``step_memory`` measures one *warm* training step in a fresh process, three ways: the tensors
+the allocator holds (``tensor_step``: torch.profiler's memory events on a CPU, the caching
+allocator's peak on CUDA), the process's resident memory, and the stored activations. A first,
+cold step also pays one-time costs (kernel code paged in, oneDNN's primitive cache, the
+optimizer's state): it is reported apart, labelled cold.
 
 ``step_times`` times training steps of several setups, interleaved step by step, so that a
 noisy machine slows them alike: compare their ratios, not their absolute times across runs.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -84,7 +86,20 @@ def saved_activations(model: nn.Module, inputs: torch.Tensor, targets: torch.Ten
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak memory of a training step, measured in a separate process
+# One training step: its time, and its memory measured three ways
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, targets, mark=None):
+    """Forward, cross-entropy (no targets: the output's mean), backward, optimizer step; each
+    phase inside ``mark(phase)`` when given (a profiler range, say)."""
+    mark = mark or (lambda phase: contextlib.nullcontext())
+    with mark("forward"):
+        out = model(inputs)
+        loss = F.cross_entropy(out, targets) if targets is not None else out.float().mean()
+    with mark("backward"):
+        loss.backward()
+    with mark("optimizer step"):
+        optimizer.step()
 
 
 def step_times(setups: dict, inputs: torch.Tensor, targets: torch.Tensor, *, steps: int = 30, warmup: int = 3,
@@ -102,69 +117,199 @@ def step_times(setups: dict, inputs: torch.Tensor, targets: torch.Tensor, *, ste
             x = inputs_for.get(name, inputs)
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), targets).backward()
-            optimizer.step()
+            train_step(model, optimizer, x, targets)
             if step >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 @dataclass
-class StepPeak:
-    """Memory of one training step (forward, backward, optimizer step), in bytes."""
+class StepMemory:
+    """Memory of one warm training step (forward, cross-entropy, backward, Adam step), in bytes.
+
+    Three views of the same step, and the misleading fourth, each named for what it measures:
+
+    * tensors, as the allocator sees them: ``state_bytes`` alive when the step begins (``state``
+      by kind), and ``tensor_step_peak_bytes``, the most the step adds at any moment;
+    * the process: ``process_growth_bytes`` (resident memory after the warm-up steps minus
+      resident memory with model, optimizer and batch ready and no step run) and
+      ``process_step_hwm_bytes`` (the resident high-water mark during one warm step minus the
+      resident memory before it);
+    * ``stored_activation_bytes``: what autograd keeps for backward (saved-tensor hooks);
+    * ``cold_step_rss_bytes``: the first step's rise in resident memory, one-time costs included
+      (kernels paged in, oneDNN caches, the optimizer's state): it hides the method's effect.
+    """
 
     device: str
-    rss_before_step: int  # resident memory with the model, optimizer and batch ready
-    rss_peak: int  # the most resident memory during the step (since the peak was reset)
-    peak_reset: bool  # True: rss_peak covers the step alone; False: the process's lifetime peak
-    cuda_allocated_before_step: int | None = None
-    cuda_peak_allocated: int | None = None  # torch.cuda.max_memory_allocated during the step
+    threads: int
+    warmup_steps: int
+    state: dict  # bytes alive when the step begins: parameters, buffers, optimizer state, batch
+    tensor_step_peak_bytes: int
+    tensor_step_end_bytes: int  # what the step leaves allocated: the gradients
+    stored_activation_bytes: int | None = None
+    process_growth_bytes: int | None = None
+    process_step_hwm_bytes: int | None = None
+    cold_step_rss_bytes: int | None = None
+    timeline: list | None = None  # (seconds from the step's start, bytes added), at every change
+    phases: dict | None = None  # phase -> (start, end) in the timeline's seconds
 
     @property
-    def rss_step_increase(self) -> int:
-        return self.rss_peak - self.rss_before_step
+    def state_bytes(self) -> int:
+        return sum(self.state.values())
 
     @property
-    def cuda_step_increase(self) -> int | None:
-        if self.cuda_peak_allocated is None:
-            return None
-        return self.cuda_peak_allocated - self.cuda_allocated_before_step
+    def tensor_peak_bytes(self) -> int:
+        """The most tensor bytes alive at once during the step: the training peak."""
+        return self.state_bytes + self.tensor_step_peak_bytes
 
 
-def step_peak_memory(spec: dict, device: str = "cpu", timeout: float = 600, threads: int | None = None) -> StepPeak:
-    """Run one training step described by ``spec`` in a fresh process; return its peak memory.
+def step_memory(spec: dict, device: str = "cpu", *, threads: int | None = 1, warmup: int = 2,
+                timeline: bool = False, timeout: float = 900) -> StepMemory:
+    """Measure one warm training step described by ``spec`` in a fresh process (``StepMemory``).
 
     ``spec``: ``{"model": name, "method": m, "blocks": k, "batch": 8, "resolution": 224,
-    "classes": 10}`` for a model, or ``{"block": "mbv3", "method": m, "input_shape": [8, 96, 7, 7],
-    "expansion": 1, "kernel": 5}`` for a single block. A fresh process, because the OS keeps
-    one peak per process. ``threads``: torch's CPU threads in that process (default: torch's).
+    "classes": 10, "bottom_chunk": None}`` for a model, or ``{"block": "mbv3", "method": m,
+    "input_shape": [8, 96, 7, 7], "expansion": 1, "kernel": 5}`` for a single block. A fresh
+    process, because the operating system keeps one resident peak per process and the first step
+    pays one-time costs. ``threads``: torch's CPU threads there (None: torch's default).
     """
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but torch.cuda.is_available() is False")
-    if not isinstance(spec, dict) or ("model" in spec) == ("block" in spec):
-        raise ValueError(f"spec must name exactly one of 'model' or 'block', got {spec!r}")
-    command = [sys.executable, "-m", "mobiletl_edu.measure", json.dumps(spec), device, str(threads or 0)]
+    _check_spec(spec)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 2:
+        raise ValueError(f"warmup must be an integer of at least 2 (a warm step), got {warmup!r}")
+    options = {"device": device, "threads": threads or 0, "warmup": warmup, "timeline": timeline}
+    command = [sys.executable, "-m", "mobiletl_edu.measure", json.dumps(spec), json.dumps(options)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # importable without installing
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
+           "KINETO_LOG_LEVEL": os.environ.get("KINETO_LOG_LEVEL", "6")}
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         if last.startswith("ValueError: "):  # a bad spec: the same error as in this process
             raise ValueError(last[len("ValueError: "):])
         raise RuntimeError(f"the measuring process failed ({done.returncode}): {last}")
-    return StepPeak(**json.loads(done.stdout.strip().splitlines()[-1]))
+    return StepMemory(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def measured_report(spec: dict, device: str = "cpu", threads: int | None = None) -> dict:
-    """The measured figures for ``spec`` (see ``step_peak_memory``), keyed as in the CLI's JSON."""
-    module, inputs, targets, _ = _build_step(spec, "cpu")
-    stored = saved_activations(module, inputs, targets).total_bytes
-    peak = step_peak_memory(spec, device, threads=threads)
-    return {"measured_activation_bytes": stored, "measured_rss_peak_bytes": peak.rss_peak,
-            "measured_rss_step_increase_bytes": peak.rss_step_increase,
-            "measured_cuda_peak_bytes": peak.cuda_peak_allocated}
+def _check_spec(spec) -> None:
+    """The spec's names, checked here before a process is started for it."""
+    from .methods import METHODS
+    from .models import MODEL_NAMES
+    from .profiler import BLOCK_KINDS
+    if not isinstance(spec, dict) or ("model" in spec) == ("block" in spec):
+        raise ValueError(f"spec must name exactly one of 'model' or 'block', got {spec!r}")
+    for key, choices in (("model", MODEL_NAMES), ("block", BLOCK_KINDS), ("method", METHODS)):
+        if (key in spec or key == "method") and spec.get(key) not in choices:
+            raise ValueError(f"unknown {key} {spec.get(key)!r}; valid choices: {', '.join(choices)}")
+
+
+def measured_report(spec: dict, device: str = "cpu", threads: int | None = 1) -> dict:
+    """The measured views of ``spec`` (see ``StepMemory``), keyed as in the CLI's JSON."""
+    m = step_memory(spec, device, threads=threads)
+    return {"measured_tensor_peak_bytes": m.tensor_peak_bytes, "measured_state_bytes": m.state_bytes,
+            "measured_tensor_step_peak_bytes": m.tensor_step_peak_bytes,
+            "measured_process_growth_bytes": m.process_growth_bytes,
+            "measured_process_step_hwm_bytes": m.process_step_hwm_bytes,
+            "measured_activation_bytes": m.stored_activation_bytes,
+            "measured_cold_step_rss_bytes": m.cold_step_rss_bytes}
+
+
+def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, *batch: torch.Tensor) -> dict:
+    """Bytes of the tensors that exist before a step, by kind, each storage once: the model's
+    parameters (as stored) and buffers, the optimizer's state, and the batch."""
+    seen = set()
+
+    def total(tensors):
+        n = 0
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                seen.add(t.untyped_storage().data_ptr())
+                n += t.untyped_storage().nbytes()
+        return n
+
+    from .quant import FrozenLayer
+    frozen = [b for m in model.modules() if isinstance(m, FrozenLayer)
+              for n, b in m.named_buffers(recurse=False) if n.startswith("weight")]
+    return {"parameters": total([*model.parameters(), *frozen]), "buffers": total(model.buffers()),
+            "optimizer state": total(v for s in optimizer.state.values() for v in s.values()),
+            "batch": total(batch)}
+
+
+def tensor_step(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
+                targets: torch.Tensor | None, *, warmup: int = 2, timeline: bool = False) -> dict:
+    """The allocator's view of one warm step, measured in this process (CPU or CUDA).
+
+    Runs ``warmup`` steps (0: the caller has run them), frees their gradients
+    (``zero_grad(set_to_none=True)``), then one step during which every tensor allocation and
+    free is recorded (CPU: ``torch.profiler``'s memory events; CUDA: the caching allocator's
+    peak). Returns ``state`` (bytes by kind when the step begins), ``step_peak_bytes``,
+    ``step_end_bytes`` and, with ``timeline``, the live bytes added at every change and each
+    phase's span in seconds.
+    """
+    model.train()
+    for _ in range(warmup):
+        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, inputs, targets)
+    optimizer.zero_grad(set_to_none=True)
+    state = state_bytes(model, optimizer, inputs, targets)
+    if inputs.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        train_step(model, optimizer, inputs, targets)
+        torch.cuda.synchronize()
+        return {"state": state, "step_peak_bytes": torch.cuda.max_memory_allocated() - before,
+                "step_end_bytes": torch.cuda.memory_allocated() - before}
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")  # kineto's start/stop chatter on stderr
+    from torch.profiler import ProfilerActivity, profile, record_function
+    marks = _phase_marks(model, record_function)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            # the step's output and loss are freed when it returns, inside the profile
+            train_step(model, optimizer, inputs, targets, lambda phase: record_function(f"phase: {phase}"))
+    finally:
+        for h in marks:
+            h.remove()
+    events = prof.profiler.kineto_results.events()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    spans = {e.name()[len("phase: "):]: (e.start_ns(), e.end_ns()) for e in events if e.name().startswith("phase: ")}
+    live, peak, points = 0, 0, []
+    for t, n in changes:
+        live += n
+        peak = max(peak, live)
+        points.append((t, live))
+    result = {"state": state, "step_peak_bytes": peak, "step_end_bytes": live}
+    if timeline:
+        t0 = spans["forward"][0]
+        bottom_end = [e.start_ns() for e in events if e.name() == "mark: frozen bottom done"]
+        if bottom_end:
+            spans["frozen-bottom forward"] = (t0, bottom_end[0])
+            spans["trained forward"] = (bottom_end[0], spans.pop("forward")[1])
+        else:
+            spans["trained forward"] = spans.pop("forward")
+        result["timeline"] = [((t - t0) / 1e9, n) for t, n in points]
+        result["phases"] = {k: ((a - t0) / 1e9, (b - t0) / 1e9) for k, (a, b) in spans.items()}
+    return result
+
+
+def _phase_marks(model: nn.Module, record_function) -> list:
+    """A zero-length mark in the profile when the frozen bottom's last unit returns."""
+    from .methods import frozen_bottom
+    from .models import find_units
+    try:
+        bottom = frozen_bottom(model, find_units(model))
+    except ValueError:  # a single block: no bottom
+        return []
+    if not bottom:
+        return []
+
+    def mark(module, args, output):
+        with record_function("mark: frozen bottom done"):
+            pass
+    return [model.get_submodule(bottom[-1].path).register_forward_hook(mark)]
 
 
 def _build_step(spec: dict, device: str):
@@ -177,7 +322,8 @@ def _build_step(spec: dict, device: str):
         batch, resolution, classes = (spec.get(k, d) for k, d in (("batch", 8), ("resolution", 224), ("classes", 10)))
         check_positive(batch=batch, resolution=resolution, classes=classes)
         module = prepare(spec["model"], spec["method"], spec.get("blocks"), num_classes=classes,
-                         frozen_precision=spec.get("frozen_precision", "int8")).model
+                         frozen_precision=spec.get("frozen_precision", "int8"), resolution=resolution,
+                         bottom_chunk=spec.get("bottom_chunk")).model
         shape, targets = (batch, 3, resolution, resolution), torch.randint(0, classes, (batch,))
     else:
         shape = tuple(spec.get("input_shape", (8, 96, 7, 7)))
@@ -220,32 +366,43 @@ def max_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes, Linux: kilobytes
 
 
-def _run_step_here(spec: dict, device: str) -> StepPeak:
+def _measure_here(spec: dict, device: str, warmup: int, timeline: bool) -> StepMemory:
+    """The measuring process of ``step_memory``: cold step, warm-up, process views, tensor view."""
     import gc
 
     module, inputs, targets, optimizer = _build_step(spec, device)
     module.train()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        train_step(module, optimizer, inputs, targets)
+
     gc.collect()
-    cuda = device == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        cuda_before = torch.cuda.memory_allocated()
-    rss_before = resident_bytes("VmRSS") or max_rss_bytes()
-    peak_reset = reset_peak_rss() and resident_bytes("VmHWM") is not None
-    out = module(inputs)
-    loss = F.cross_entropy(out, targets) if targets is not None else out.float().mean()
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    if cuda:
-        torch.cuda.synchronize()
-    rss_peak = resident_bytes("VmHWM") if peak_reset else max_rss_bytes()
-    return StepPeak(device, rss_before, rss_peak, peak_reset,
-                    cuda_before if cuda else None, torch.cuda.max_memory_allocated() if cuda else None)
+    ready = resident_bytes("VmRSS") or max_rss_bytes()
+    reset = reset_peak_rss() and resident_bytes("VmHWM") is not None
+    step()  # the cold step, the first of the warm-up steps
+    cold = (resident_bytes("VmHWM") if reset else max_rss_bytes()) - ready
+    for _ in range(warmup - 1):
+        step()
+    gc.collect()
+    growth = (resident_bytes("VmRSS") or max_rss_bytes()) - ready
+    optimizer.zero_grad(set_to_none=True)
+    gc.collect()
+    before = resident_bytes("VmRSS")
+    hwm = None
+    if reset and reset_peak_rss():
+        step()  # a warm step
+        hwm = resident_bytes("VmHWM") - before
+    tensors = tensor_step(module, optimizer, inputs, targets, warmup=0, timeline=timeline)
+    stored = saved_activations(module, inputs, targets).total_bytes
+    return StepMemory(device, torch.get_num_threads(), warmup, tensors["state"], tensors["step_peak_bytes"],
+                      tensors["step_end_bytes"], stored, growth if device == "cpu" else None,
+                      hwm if device == "cpu" else None, cold if device == "cpu" else None,
+                      tensors.get("timeline"), tensors.get("phases"))
 
 
-if __name__ == "__main__":  # the measuring process of step_peak_memory
-    if int(sys.argv[3]):
-        torch.set_num_threads(int(sys.argv[3]))
-    print(json.dumps(asdict(_run_step_here(json.loads(sys.argv[1]), sys.argv[2]))))
+if __name__ == "__main__":  # the measuring process of step_memory
+    _spec, _options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    if _options["threads"]:
+        torch.set_num_threads(_options["threads"])
+    print(json.dumps(asdict(_measure_here(_spec, _options["device"], _options["warmup"], _options["timeline"]))))

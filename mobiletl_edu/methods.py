@@ -17,6 +17,7 @@ channels_last maps, and the bottom's output is handed to the trained blocks in t
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -24,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops.misc import SqueezeExcitation
 
-from .choices import (BLOCK_METHODS, GLOBAL_METHODS, METHODS, MOBILETL_FULL_BN, PRECISIONS,  # noqa: F401
-                      SINGLE_BLOCK_METHODS, check_choice)
+from .choices import (BLOCK_METHODS, FROZEN_BOTTOM_METHODS, GLOBAL_METHODS, METHODS, MOBILETL_FULL_BN,  # noqa: F401
+                      PRECISIONS, SINGLE_BLOCK_METHODS, check_choice)
 from .models import RESNET_BLOCKS, Unit, build_model, check_positive, find_units, has_squeeze_excitation, norm_roles, set_submodule
 from .ops import ShiftOnlyBatchNorm2d, SignHardswish, SignReLU, SignReLU6
 from .quant import FrozenLayer, freeze_layers
@@ -40,13 +41,16 @@ class Prepared(NamedTuple):
 
 def prepare(model, method: str, blocks: int | None = None, *, num_classes: int = 1000,
             lr: float = 3e-4, frozen_precision: str = "int8", optimize_bottom: bool = True,
-            resolution: int = 224) -> Prepared:
+            resolution: int = 224, bottom_chunk: int | None = None) -> Prepared:
     """Turn ``model`` (a module, or a name from ``MODEL_NAMES``) into a fine-tuning setup.
 
     Returns the model (modified in place) and an Adam optimizer over its trainable parameters.
     ``optimize_bottom=False`` leaves the frozen bottom's BNs and layout as they are (for comparison).
     ``resolution`` (the input side) sizes TinyTL's patches; the other methods do not use it.
+    ``bottom_chunk=c`` runs the frozen bottom ``c`` samples at a time (see ``set_bottom_chunk``).
     """
+    if bottom_chunk is not None:
+        check_bottom_chunk(bottom_chunk, method)
     check_choice("method", method, METHODS)
     check_choice("frozen_precision", frozen_precision, PRECISIONS)
     if isinstance(model, str):
@@ -65,6 +69,8 @@ def prepare(model, method: str, blocks: int | None = None, *, num_classes: int =
     _freeze_rest(model, frozen_precision)
     if optimize_bottom:
         _optimize_bottom(model, frozen_bottom(model, units))
+    if bottom_chunk is not None:
+        set_bottom_chunk(model, bottom_chunk)
 
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -242,6 +248,93 @@ class FoldedBatchNorm(nn.Identity):
 
 def _contiguous_output(module, args, output):
     return output.contiguous() if isinstance(output, torch.Tensor) else output
+
+
+def check_bottom_chunk(chunk, method: str) -> None:
+    """ValueError naming a chunk that is not a positive integer, or a method with no frozen bottom."""
+    check_positive(bottom_chunk=chunk)
+    if method not in FROZEN_BOTTOM_METHODS:
+        raise ValueError(f"method {method!r} has no frozen bottom to run in chunks; bottom_chunk applies to: "
+                         f"{', '.join(FROZEN_BOTTOM_METHODS)}")
+
+
+def chunked_units(model: nn.Module) -> list[Unit]:
+    """The frozen-bottom units that ``bottom_chunk`` runs in chunks: those before the head, whose
+    outputs feed each other directly (after the head, a model's forward flattens the features)."""
+    chain = []
+    for unit in frozen_bottom(model, find_units(model)):
+        if unit.role in ("head", "classifier") or unit.path.startswith("classifier"):
+            break
+        chain.append(unit)
+    return chain
+
+
+def set_bottom_chunk(model: nn.Module, chunk: int | None) -> None:
+    """Run the frozen bottom's forward ``chunk`` samples at a time (``None``: the whole batch).
+
+    The bottom keeps no activations, so only one chunk's maps live at once, plus the bottom's
+    output, written chunk by chunk into one buffer. The output is bit for bit the whole batch's
+    when the chunk and the batch get the same kernels, and else equal up to float32 rounding
+    (we measured differences below 2e-6 of the output's largest value): PyTorch picks a
+    convolution's kernel by batch size (``profiler.conv_kernel``: a 1x1 convolution on fewer
+    than 16 samples runs PyTorch's own kernel with one thread, oneDNN's from 16 on), and
+    another kernel sums in another order.
+    """
+    old = getattr(model, "_chunked_bottom", None)
+    if old is not None:
+        for module in old.modules:
+            del module.forward  # the class's forward again
+        del model._chunked_bottom
+    if chunk is None:
+        return
+    check_positive(bottom_chunk=chunk)
+    chain = chunked_units(model)
+    if not chain:
+        raise ValueError("this model has no frozen bottom to run in chunks (its lowest unit trains)")
+    runner = _ChunkedBottom([model.get_submodule(u.path) for u in chain], chunk)
+    runner.modules[0].forward = runner.first
+    for module in runner.modules[1:]:
+        module.forward = partial(runner.rest, module)
+    model._chunked_bottom = runner
+
+
+def bottom_chunk(model: nn.Module) -> int | None:
+    """The chunk ``set_bottom_chunk`` gave the model's frozen bottom, or None."""
+    runner = getattr(model, "_chunked_bottom", None)
+    return None if runner is None else runner.chunk
+
+
+class _ChunkedBottom:
+    """The forward of the chunked units: the first runs them all, chunk by chunk; the others pass
+    the result on. Inside the loop each unit is called as a module (its hooks run) with its own forward."""
+
+    def __init__(self, modules: list, chunk: int):
+        self.modules, self.chunk, self.inside, self.done = modules, chunk, False, False
+
+    def first(self, x):
+        first, self.done = self.modules[0], False
+        if self.inside or x.shape[0] <= self.chunk or (torch.is_grad_enabled() and x.requires_grad):
+            return type(first).forward(first, x)
+        out, self.inside = None, True
+        try:
+            with torch.no_grad():
+                for start in range(0, x.shape[0], self.chunk):
+                    y = x[start:start + self.chunk]
+                    for module in self.modules:
+                        y = module(y)
+                    if out is None:
+                        out = y.new_empty((x.shape[0], *y.shape[1:]))
+                    out[start:start + self.chunk] = y
+        finally:
+            self.inside = False
+        self.done = True
+        return out
+
+    def rest(self, module, x):
+        if self.done and not self.inside:
+            self.done = module is not self.modules[-1]
+            return x  # the first unit has run this one already
+        return type(module).forward(module, x)
 
 
 # TinyTL's lite residual patch (Cai et al. 2020, Section 3.2, and its released code): the input

@@ -56,7 +56,7 @@ from .choices import (CUSTOM_DATASET, DATASET_NAMES, DEFAULT_BLOCKS, DEFAULT_DAT
                       OFFLINE_DATASETS, PRECISIONS, SOURCE_DATASET, WEIGHT_NAMES, check_choice)
 from .data import build_datasets, recipe
 from .measure import max_rss_bytes, reset_peak_rss, resident_bytes, saved_activations
-from .methods import BLOCK_METHODS, prepare
+from .methods import BLOCK_METHODS, check_bottom_chunk, prepare
 from .models import build_model, check_positive, find_units, set_submodule
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -93,6 +93,7 @@ class TrainConfig:
     deterministic: bool = True
     workers: int = 0  # data-loader processes (the result does not depend on it)
     limit: int | None = None  # train and test on a fixed random subset of this many images (smoke tests)
+    bottom_chunk: int | None = None  # run the frozen bottom this many samples at a time (methods.set_bottom_chunk)
 
     def resolved(self) -> TrainConfig:
         """Check every value and fill in the dataset's defaults."""
@@ -118,6 +119,8 @@ class TrainConfig:
         check_positive(epochs=config.epochs, batch_size=config.batch_size, resolution=config.resolution)
         if config.limit is not None:
             check_positive(limit=config.limit)
+        if config.bottom_chunk is not None:
+            check_bottom_chunk(config.bottom_chunk, config.method)
         if config.bn_momentum is not None and not 0 < config.bn_momentum <= 1:
             raise ValueError(f"bn_momentum must be in (0, 1], got {config.bn_momentum}")
         if config.workers < 0:
@@ -327,7 +330,8 @@ def _prepared_model(config: TrainConfig, num_classes: int, weights: str | None, 
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = config.bn_momentum
     return prepare(model, config.method, config.blocks, num_classes=num_classes, lr=config.lr,
-                   frozen_precision=config.frozen_precision, resolution=config.resolution)
+                   frozen_precision=config.frozen_precision, resolution=config.resolution,
+                   bottom_chunk=config.bottom_chunk)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

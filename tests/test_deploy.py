@@ -237,11 +237,17 @@ def test_deploy_never_overwrites_and_leaves_nothing_on_failure(tmp_path, monkeyp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
-def test_training_peak_is_the_profiled_peak_plus_gradients_and_adam():
-    from mobiletl_edu.profiler import profile
+def test_training_peak_is_the_profilers_and_what_a_warm_step_allocates():
+    from mobiletl_edu.measure import tensor_step
+    from mobiletl_edu.profiler import model_training_peak
     peak = devices.training_peak_bytes("mobilenet_v3_small", "mobiletl", 3, batch=2, resolution=64)
-    p = profile(prepare("mobilenet_v3_small", "mobiletl", 3, num_classes=10).model, (2, 3, 64, 64))
-    assert peak == p.peak_bytes + 12 * p.params_trainable  # float32 gradient + Adam's two moments
+    assert peak == model_training_peak("mobilenet_v3_small", "mobiletl", 3, batch=2, resolution=64).bytes
+    torch.manual_seed(0)
+    model, optimizer = prepare("mobilenet_v3_small", "mobiletl", 3, num_classes=10, resolution=64)
+    step = tensor_step(model, optimizer, torch.randn(2, 3, 64, 64), torch.randint(0, 10, (2,)))
+    assert abs(peak / (sum(step["state"].values()) + step["step_peak_bytes"]) - 1) <= 0.10  # torch's count
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert peak > step["state"]["parameters"] + 12 * trained  # gradients and Adam's two moments inside
     assert devices.training_peak_bytes("mobilenet_v3_small", "mobiletl", 3, batch=4, resolution=64) > peak
 
 

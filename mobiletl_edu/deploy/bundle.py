@@ -204,7 +204,8 @@ def write_bundle(out, *, model: str = "mobilenet_v3_small", method: str = "mobil
         "train": {"epochs": epochs, "batch": batch, "lr": lr, "label_smoothing": label_smoothing},
         "torch": {"minimum": "1.10", "tested": list(TESTED_TORCH), "written_with": torch.__version__},
         "estimate": {"training_peak_bytes": peak, "budget_bytes": budget, "forced": peak > budget,
-                     "how": "profiler, pytorch convention: parameters + activation peak + gradients + Adam"},
+                     "how": "profiler.training_peak: every tensor alive at once in one step (parameters, buffers, "
+                            "Adam state, batch, gradients, stored activations, kernel temporaries)"},
         "units": [[u.path, u.role] for u in find_units(network)],
         "network": describe_network(network),
     }

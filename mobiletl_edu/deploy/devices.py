@@ -151,14 +151,11 @@ def training_peak_bytes(model, method: str, blocks: int | None = None, *, batch:
                         classes: int = 10) -> int:
     """The analytic peak of one training step as the bundle runs it (frozen bottom optimized).
 
-    Today: the profiler's ``pytorch`` convention, ``peak_bytes`` (parameters + activation peak)
-    plus the gradients and Adam's two moments of the trainable parameters, which the
-    profiler reports apart from its peak.
+    The profiler's ``training_peak``: every tensor alive at once, phase by phase (parameters,
+    buffers, Adam's state, the batch, gradients, stored activations and kernel temporaries),
+    with the CPU kernels this process's thread count picks (chapter 8).
     """
-    from ..methods import prepare
-    from ..profiler import profile
+    from ..profiler import model_training_peak
 
     check_positive(batch=batch, resolution=resolution, classes=classes)
-    prepared = prepare(model, method, blocks, num_classes=classes, resolution=resolution)
-    p = profile(prepared.model, (batch, 3, resolution, resolution), convention="pytorch")
-    return p.peak_bytes + p.gradient_bytes + p.optimizer_state_bytes
+    return model_training_peak(model, method, blocks, batch=batch, resolution=resolution, classes=classes).bytes
