@@ -369,41 +369,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def plot_accuracy_vs_memory(rows: list[dict], memory: str = "stored_activation_mb"):
-    """Figures 5/7: top-1 against ``memory``, marker area ~ training FLOPs, Pareto front marked.
+    """Figures 5/7: top-1 against ``memory``, Pareto front marked (``plots.plot_accuracy_vs_memory``)."""
+    from .plots import plot_accuracy_vs_memory as plot  # the one figure, drawn in plots.py
 
-    One panel per dataset. Without FLOPs (no profiler) every marker has the same size.
-    """
-    from matplotlib.figure import Figure  # no pyplot: no global figure state, any backend
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig = Figure(figsize=(6.5 * len(datasets), 4.8))
-    axes = fig.subplots(1, len(datasets), squeeze=False)
-    flops = [r["training_mflops"] for r in rows if r["training_mflops"]]
-    largest = max(flops) if flops else None
-    several_models = len({r["model"] for r in rows}) > 1
-    for ax, dataset in zip(axes[0], datasets):
-        mine = [r for r in rows if r["dataset"] == dataset]
-        points = [(r[memory], r["top1_mean"]) for r in mine]
-        sizes = [60 + 900 * r["training_mflops"] / largest if largest and r["training_mflops"] else 120 for r in mine]
-        front = pareto_front(points)
-        by_memory = sorted(range(len(points)), key=lambda i: points[i])
-        below = {i for rank, i in enumerate(by_memory) if rank % 2}  # neighbours' labels alternate sides
-        for i, (r, (m, a)) in enumerate(zip(mine, points)):
-            ax.errorbar(m, a, yerr=r["top1_std"], fmt="none", ecolor="0.5", capsize=3, zorder=1)
-            ax.scatter(m, a, s=sizes[i], alpha=0.55, zorder=2,
-                       edgecolors="black" if i in front else "none", linewidths=1.5)
-            label = r["method"] + (f"-{r['blocks']}blk" if r["blocks"] else "")
-            ax.annotate(f"{r['model']} {label}" if several_models else label, (m, a),
-                        textcoords="offset points", xytext=(6, -14 if i in below else 6), fontsize=8)
-        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "k--", lw=1,
-                label="Pareto front", zorder=0)
-        ax.set_xlabel({"stored_activation_mb": "stored activations, measured (MB)",
-                       "analytic_memory_mb": "memory footprint, analytic (MB)",
-                       "peak_memory_mb": "peak memory, measured (MB)"}.get(memory, memory))
-        ax.set_ylabel("top-1 accuracy (%), mean ± std over seeds")
-        ax.set_title(f"{dataset}: marker area ~ training FLOPs" if largest
-                     else f"{dataset} (no FLOPs: profiler missing)")
-        ax.legend(loc="lower right", fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return plot(rows, memory)

@@ -12,6 +12,10 @@ Everything here is sympy, one idea per function (the bound also has a float vers
 * ``block_stored_terms``, ``block_stored_bytes``, ``block_parameters`` and ``block_forward_macs``:
   the training memory, parameters and MACs of one conv / MobileNetV2 / MobileNetV3 block
   (Table 1, Figure 1) as formulas in batch, channels, height, width, expansion and kernel.
+
+One part is numeric, because Theorem 1 is about training: ``twin_training`` trains a small
+network twice, with the exact and the approximated backward, and checks the lemma behind the
+bound at every step (chapter 5).
 """
 from __future__ import annotations
 
@@ -355,3 +359,118 @@ def block_forward_macs(kind: str) -> sp.Expr:
     if kind == "mbv3":
         macs += B * 2 * hidden * s
     return sp.expand(macs)
+
+
+# --------------------------------------------------------------------------------------------
+# Theorem 1, measured (chapter 5): twin training runs, and the lemma checked at every step
+# --------------------------------------------------------------------------------------------
+
+class TwinTask(NamedTuple):
+    """The fixed data of a twin experiment: a teacher-labelled Gaussian task, float64."""
+    inputs: "torch.Tensor"
+    labels: "torch.Tensor"
+    probe: "torch.Tensor"        # where the two trained networks' outputs are compared
+    batch_order: "torch.Tensor"  # steps x batch indices: both twins see the same batches
+
+
+def twin_task(width: int = 16, classes: int = 4, examples: int = 512, batch: int = 16, steps: int = 100,
+              probe: int = 64, seed: int = 0) -> TwinTask:
+    """Inputs labelled by a fixed random teacher, a probe batch, and the order of the batches."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(examples, width, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(width, classes, generator=gen, dtype=torch.float64)
+    labels = (torch.tanh(inputs) @ teacher).argmax(dim=1)
+    probe_batch = torch.randn(probe, width, generator=gen, dtype=torch.float64)
+    order = torch.randint(0, examples, (steps, batch), generator=gen)
+    return TwinTask(inputs, labels, probe_batch, order)
+
+
+def hardswish_net(layers: int, width: int, classes: int, activation):
+    """``layers`` trained bias-free Linear + ``activation`` layers, then a frozen linear head.
+
+    The weights keep pre-activations at unit scale at every depth (as BN does in a block): a
+    unit Gaussian through Hard-Swish has second moment E[HS(z)^2], so the layers after the
+    first get the gain 1 / sqrt(E[HS(z)^2]).
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    z = torch.linspace(-12, 12, 240_001, dtype=torch.float64)
+    second_moment = torch.trapezoid(F.hardswish(z) ** 2 * torch.exp(-z**2 / 2), z).item() / math.sqrt(2 * math.pi)
+    trained = nn.ModuleList(nn.Linear(width, width, bias=False, dtype=torch.float64) for _ in range(layers))
+    for i, layer in enumerate(trained):
+        nn.init.normal_(layer.weight, std=(1 if i == 0 else second_moment ** -0.5) / math.sqrt(width))
+    head = nn.Linear(width, classes, dtype=torch.float64).requires_grad_(False)
+    return nn.ModuleDict({"layers": trained, "head": head}), activation
+
+
+def _forward(net, activation, x, layer_inputs):
+    for layer in net["layers"]:
+        layer_inputs.append(x)
+        x = activation(layer(x))
+    layer_inputs.append(x)  # a_L, whose gradient the lemma starts from
+    return net["head"](x)
+
+
+def twin_training(layers: int, task: TwinTask, lr: float, checkpoints=(1, 3, 10, 30, 100),
+                  seed: int = 1, approximated=None) -> list[dict]:
+    """Train exact and sign-approximated twins from one start on the same batches (plain SGD).
+
+    At every step, with ``G`` the largest of Theorem 1's three bounded quantities seen so far
+    (loss gradient at ``a_L``, the weights' spectral norms, the layer inputs; Frobenius norms
+    over the batch), it checks our lemma: ``||grad W_l|| <= G Psi^(L-l+1)``, with Psi for the
+    exact run and Psi~ for the approximated one. Each checkpoint records the probe distance
+    ``||F(W~) - F(W)||``, the estimated constants and the largest ratio of a layer's gradient
+    norm to its lemma bound so far (``lemma_ratio``; the lemma holds while it is <= 1), and
+    the same for the spectral version with ``3/2 G`` and ``G`` in place of Psi and Psi~.
+    ``approximated`` is the second twin's activation (default: ``ops.sign_hardswish``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .ops import sign_hardswish
+
+    width, classes = task.inputs.shape[1], int(task.labels.max()) + 1
+    torch.manual_seed(seed)
+    exact = hardswish_net(layers, width, classes, F.hardswish)
+    approx = hardswish_net(layers, width, classes, approximated or sign_hardswish)
+    approx[0].load_state_dict(exact[0].state_dict())  # the same start
+    twins = [(net, act, torch.optim.SGD(net["layers"].parameters(), lr=lr), factor)
+             for (net, act), factor in ((exact, 1.5), (approx, 1.0))]
+    G = G_grad = lipschitz = lemma = lemma_spectral = 0.0
+    parts = [0.0, 0.0, 0.0]  # loss gradient at a_L, weight spectral norm, layer input
+    records = []
+    for t in range(1, max(checkpoints) + 1):
+        batch = task.batch_order[t - 1]
+        for net, activation, optimizer, factor in twins:
+            acts = []
+            loss = F.cross_entropy(_forward(net, activation, task.inputs[batch], acts), task.labels[batch])
+            a_last = acts.pop()
+            a_last.retain_grad()
+            optimizer.zero_grad()
+            loss.backward()
+            parts = [max(parts[0], a_last.grad.norm().item()),
+                     max(parts[1], *(torch.linalg.matrix_norm(w.weight, 2).item() for w in net["layers"])),
+                     max(parts[2], *(a.norm().item() for a in acts))]
+            G = max(parts)
+            grads = [w.weight.grad.norm().item() for w in net["layers"]]
+            G_grad = max(G_grad, math.sqrt(sum(g * g for g in grads)))
+            ratio = factor * math.sqrt(width) * G  # Psi or Psi~
+            for l, g in enumerate(grads, start=1):
+                lemma = max(lemma, g / (G * ratio ** (layers - l + 1)))
+                lemma_spectral = max(lemma_spectral, g / (G * (factor * G) ** (layers - l + 1)))
+            optimizer.step()
+        with torch.no_grad():
+            distance = (_forward(*exact, task.probe, []) - _forward(*approx, task.probe, [])).norm().item()
+            weights = [torch.cat([w.reshape(-1) for w in net[0]["layers"].parameters()]) for net in (exact, approx)]
+            weight_distance = (weights[0] - weights[1]).norm().item()
+        if weight_distance > 0:
+            lipschitz = max(lipschitz, distance / weight_distance)
+        if t in checkpoints:
+            records.append(dict(L=layers, T=t, distance=distance, weight_distance=weight_distance, M=lipschitz,
+                                G=G, G_parts=tuple(parts), G_grad=G_grad, lemma_ratio=lemma,
+                                lemma_ratio_spectral=lemma_spectral))
+    return records

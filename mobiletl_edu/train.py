@@ -249,10 +249,10 @@ def load_weights(model_name: str, weights: str, num_classes: int, *, new_classif
     if not new_classifier and classes != num_classes:
         raise ValueError(f"{path} has a {classes}-class classifier; the model needs {num_classes} classes")
     model = build_model(model_name, classes)
-    if model_name == "proxyless_mobile":  # also reads the official ProxylessNAS key layout
-        from .proxyless import load_proxyless_checkpoint
+    if model_name == "proxyless_mobile" and not state.keys() <= model.state_dict().keys():
+        from .proxyless import load_proxyless_checkpoint  # the official ProxylessNAS key layout
         load_proxyless_checkpoint(model, path)
-    else:
+    else:  # our own layout, including a run's model (read_state_dict made it a plain network)
         load_matching_state(model, state, f"{path} ({model_name})")
     if new_classifier:
         path = _classifier_path(model)
@@ -348,7 +348,7 @@ def weights_file(weights: str) -> Path | None:
         return SOURCE_CHECKPOINT
     if weights == "imagenet" or weights == "none":
         return None
-    return Path(weights)
+    return run_checkpoint_path(weights)
 
 
 # ---------------------------------------------------------------------------------------------

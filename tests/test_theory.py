@@ -227,3 +227,26 @@ def test_bound_is_increasing_in_T_L_N_G():
 def test_bound_overflow_is_inf_and_log10_stays_finite():
     assert th.theorem1_bound(0.1, 1, 10, 10, 1e6, 400) == math.inf
     assert 1000 < th.theorem1_log10_bound(0.1, 1, 10, 10, 1e6, 400) < 2000
+
+
+# ---------------------------------------------------------------- Theorem 1, measured (chapter 5)
+
+def test_twins_with_the_same_backward_never_drift():
+    """The twin harness itself: one start, one batch order, so identical backwards stay equal."""
+    task = th.twin_task(steps=10)
+    records = th.twin_training(2, task, lr=0.05, checkpoints=(1, 10), approximated=F.hardswish)
+    assert [r["distance"] for r in records] == [0.0, 0.0]
+    assert [r["weight_distance"] for r in records] == [0.0, 0.0]
+
+
+def test_twin_training_drifts_and_the_lemma_holds_at_every_step():
+    task = th.twin_task(steps=10)
+    records = th.twin_training(3, task, lr=0.05, checkpoints=(1, 10))
+    assert 0 < records[0]["distance"] and 0 < records[1]["weight_distance"]
+    for r in records:
+        # the lemma with the paper's Psi, and the sharper spectral version, at every step so far
+        assert 0 < r["lemma_ratio"] <= r["lemma_ratio_spectral"] <= 1
+        # G bounds the three quantities it stands for; Theorem 1's bound then exceeds the drift
+        assert r["G"] == max(r["G_parts"])
+        assert th.theorem1_bound(0.05, r["M"], r["T"], r["G"], 16, 3) > r["distance"]
+

@@ -326,6 +326,38 @@ def test_a_fine_tuned_run_serves_as_weights_for_another(finished_run):
             assert torch.allclose(model(x), trained(x), rtol=1e-4, atol=1e-5)
 
 
+def test_a_proxyless_run_serves_as_weights_and_official_files_still_load(tmp_path):
+    """ProxylessNAS-Mobile takes both key layouts: a run of ours (Figure 5's source checkpoints)
+    and the official release's names (checked against a save in that layout)."""
+    from mobiletl_edu.proxyless import official_key_map
+
+    out = tmp_path / "proxyless"
+    T.train(T.TrainConfig(model="proxyless_mobile", method="ft-all", dataset="offline-source",
+                          weights="none", resolution=32, limit=8, epochs=1), out, progress=False)
+    trained, _ = T.load_trained(out)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = trained.eval()(x)
+        model = T.load_weights("proxyless_mobile", str(out), 5, new_classifier=False).eval()
+        assert torch.allclose(model(x), expected, rtol=1e-4, atol=1e-5)
+        ours_to_official = {ours: official for official, ours in official_key_map().items()}
+        state = model.state_dict()
+        torch.save({ours_to_official[k]: v for k, v in state.items()}, tmp_path / "official.pth")
+        official = T.load_weights("proxyless_mobile", str(tmp_path / "official.pth"), 5,
+                                  new_classifier=False).eval()
+        assert torch.equal(official(x), model(x))
+
+
+def test_training_from_a_run_folder_records_its_checkpoints_sha256(finished_run, tmp_path):
+    """A run folder as --weights: the new run's provenance is the sha256 of its checkpoint file."""
+    out, _ = finished_run
+    again = tmp_path / "again"
+    assert main(["train", "--out", str(again), "--quiet", "--weights", str(out), "--resolution", "32",
+                 "--limit", "16", "--epochs", "1", "--threads", "1"]) == 0
+    recorded = json.loads((again / "config.json").read_text())["weights_sha256"]
+    assert recorded == hashlib.sha256((out / "checkpoint.pt").read_bytes()).hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------
 # The shipped source checkpoint and the pretraining command
 # ---------------------------------------------------------------------------------------------
