@@ -789,7 +789,9 @@ def fit(bundle, args):
         p.update(epoch=p["epoch"] + 1, step=0, loss_sum=0.0, correct=0, seen=0)
         save()
         print("epoch {} done: {}".format(row["epoch"], ", ".join(
-            "{} {:.4f}".format(k, v) for k, v in row.items() if k != "epoch")), flush=True)
+            "{} {:.1f}%".format(k.replace("_top1", " top-1"), v) if k.endswith("top1")
+            else "{} {:.4f}".format(k.replace("_", " "), v)
+            for k, v in row.items() if k != "epoch")), flush=True)
         if args.max_steps and len(times) >= args.max_steps and p["epoch"] < recipe["epochs"]:
             print("stopped after --max-steps {}; continue with --resume".format(args.max_steps), flush=True)
             return 0
