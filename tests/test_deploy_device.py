@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
 from mobiletl_edu.deploy import bundle, stacks
 from mobiletl_edu.deploy import run as runner
+from images import colour_folder
 from test_deploy import one_step
 
 pytestmark = pytest.mark.device
@@ -52,15 +52,7 @@ def device_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """Three classes of three 40x40 images, told apart by their colour."""
-    root = tmp_path_factory.mktemp("device-images")
-    generator = torch.Generator().manual_seed(0)
-    for label, name in enumerate(CLASSES):
-        (root / name).mkdir()
-        for i in range(3):
-            pixels = (torch.rand(40, 40, 3, generator=generator) * 80).to(torch.uint8)
-            pixels[..., label] += 150
-            Image.fromarray(pixels.numpy()).save(root / name / f"{i}.png")
-    return root
+    return colour_folder(tmp_path_factory.mktemp("device-images"), CLASSES, 3, (40, 40))
 
 
 @pytest.mark.parametrize("stack", NANO_STACKS)
