@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from mobiletl_edu import ops
-from mobiletl_edu.deploy import apicheck, bundle, devices
+from mobiletl_edu.deploy import apicheck, bundle, devices, stacks
 from mobiletl_edu.deploy import run as runner
 from mobiletl_edu.methods import prepare
 from mobiletl_edu.models import build_model
 from mobiletl_edu.train import load_trained
+from images import colour_folder
 
 RUNNER = Path(runner.__file__)
 
@@ -160,15 +160,7 @@ def small_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     """Three classes of eight small images each, told apart by their colour."""
-    root = tmp_path_factory.mktemp("images")
-    generator = torch.Generator().manual_seed(0)
-    for label, name in enumerate(["apple", "banana", "cherry"]):
-        (root / name).mkdir()
-        for i in range(8):
-            pixels = (torch.rand(40, 52, 3, generator=generator) * 80).to(torch.uint8)
-            pixels[..., label] += 150
-            Image.fromarray(pixels.numpy()).save(root / name / f"{i}.png")
-    return root
+    return colour_folder(tmp_path_factory.mktemp("images"), ["apple", "banana", "cherry"], 8, (40, 52))
 
 
 def run_here(*argv):
@@ -353,6 +345,30 @@ def test_vermin_catches_what_python_3_6_lacks(tmp_path):
     done = vermin(bad)
     assert done.returncode != 0
     assert "dataclasses" in done.stdout and "named expressions" in done.stdout
+
+
+def test_the_pi_stack_lock_pins_every_runtime_dependency():
+    """`make device-test` installs the package on the Pi stack from its lock alone (--no-deps):
+    every runtime requirement in pyproject.toml, as pip evaluates it on a Pi 4, needs a pin
+    that satisfies it. Checked here, without the stack, so CI sees a new dependency."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    requirements = tomllib.loads((RUNNER.parents[2] / "pyproject.toml").read_text())["project"]["dependencies"]
+    pinned = dict(line.split("==") for line in stacks.pins("pi4-arm64"))
+    pinned = {name.lower().replace("_", "-"): version for name, version in pinned.items()}
+    pi = {"platform_machine": "aarch64", "sys_platform": "linux", "python_version": "3.11",
+          "python_full_version": "3.11.2", "platform_system": "Linux", "implementation_name": "cpython",
+          "os_name": "posix", "extra": ""}
+    unmet = []
+    for requirement in map(Requirement, requirements):
+        if requirement.marker is not None and not requirement.marker.evaluate(pi):
+            continue
+        version = pinned.get(requirement.name.lower().replace("_", "-"))
+        if version is None or not requirement.specifier.contains(version, prereleases=True):
+            unmet.append(f"{requirement} (lock: {version})")
+    assert not unmet, "locks/pi4-arm64.txt does not satisfy: " + "; ".join(unmet)
 
 
 def test_runner_uses_only_torch_1_10_api():
